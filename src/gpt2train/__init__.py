@@ -1,0 +1,22 @@
+"""gpt2train: train GPT-2 from text to a saved model."""
+
+from .checkpoint import load_model
+from .config import TrainConfig, resolve_config
+from .data import prepare
+from .model import GPT, GPTConfig
+from .sample import generate
+from .tokenizer import get_tokenizer
+from .train import train
+
+__version__ = "0.1.0"
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "TrainConfig",
+    "generate",
+    "get_tokenizer",
+    "load_model",
+    "prepare",
+    "resolve_config",
+    "train",
+]

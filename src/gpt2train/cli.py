@@ -1,0 +1,153 @@
+"""The `gpt2train` command: argument parsing only; each subcommand calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import traceback
+from dataclasses import MISSING
+
+from .config import MODEL_FIELDS, MODEL_HELP, PRESETS, RUN_FIELDS, field_types, preset_config, resolve_config
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key, defaulting to None so that only what the user typed overrides."""
+    types = field_types()
+    model = parser.add_argument_group("model (defaults: the gpt2 preset)")
+    for name, f in MODEL_FIELDS.items():
+        _add_typed_flag(model, name, types[name], f.default, MODEL_HELP[name])
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE", help="TOML file of config keys (flag names with underscores)")
+    for name, f in RUN_FIELDS.items():
+        _add_typed_flag(run, name, types[name], f.default, f.metadata["help"])
+
+
+def _add_typed_flag(group, name: str, type_: type, default, help: str) -> None:
+    help = f"{help} (default: {default!r})" if default is not MISSING else help
+    if type_ is bool:
+        group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
+    elif name == "preset":
+        group.add_argument(_flag(name), dest=name, choices=list(PRESETS), default=None, help=help)
+    else:
+        group.add_argument(_flag(name), dest=name, type=type_, default=None, metavar=name.upper(), help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+    parser = argparse.ArgumentParser(
+        prog="gpt2train",
+        description="Train GPT-2 from text to a saved model, offline.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", parents=[common], help="tokenize text into token files",
+                       description="Tokenize text files, directories (*.txt, recursive) or globs; "
+                                   "with no inputs, the built-in corpus.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories or glob patterns")
+    p.add_argument("--out", default="data", metavar="DIR", help="output directory (default: 'data')")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="share of documents held out for validation (default: 0.1)")
+    p.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser("train", parents=[common], help="train until the target loss, then save the final model",
+                       description="Train GPT-2. Precedence: preset < --config file < flags.")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", parents=[common], help="generate text from a saved model")
+    s.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
+                   help="final model file (default: 'saved_models/final_model.pt')")
+    s.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
+    s.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
+    s.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 for greedy (default: 0.8)")
+    s.add_argument("--top-k", type=int, default=200, metavar="K", help="sample among the K likeliest; 0: all (default: 200)")
+    s.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: random)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    s.set_defaults(func=cmd_sample)
+
+    pr = sub.add_parser("presets", parents=[common], help="list the named configurations")
+    pr.set_defaults(func=cmd_presets)
+    return parser
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare
+
+    meta = prepare(args.inputs, args.out, val_fraction=args.val_fraction)
+    splits = meta["splits"]
+    print(
+        f"Prepared {meta['documents']:,} documents from {', '.join(meta['sources'])}: "
+        f"{splits['train']['tokens']:,} train tokens, {splits['val']['tokens']:,} val tokens in {args.out}"
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import EXIT_TARGET_NOT_REACHED, train
+
+    overrides = {name: getattr(args, name) for name in field_types()}
+    config = resolve_config(args.config, overrides)
+    result = train(config)
+    return 0 if result.reached_target else EXIT_TARGET_NOT_REACHED
+
+
+def cmd_sample(args) -> int:
+    from .checkpoint import load_model
+    from .runtime import resolve_device
+    from .sample import generate
+    from .tokenizer import get_tokenizer
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
+        raise UserError("--max-new-tokens, --temperature and --top-k must not be negative")
+    model = load_model(args.model, device=resolve_device(args.device))
+    enc = get_tokenizer()
+    # Tokens can end inside a multi-byte character: decode the byte stream incrementally.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    for token in generate(model, enc.encode_ordinary(args.prompt), args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k or None, seed=args.seed):
+        sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    import torch
+
+    from .model import GPT
+
+    for name, values in PRESETS.items():
+        config = preset_config(name)
+        with torch.device("meta"):  # count parameters without allocating them
+            params = GPT(config.model).num_params()
+        changes = ", ".join(f"{k}={v}" for k, v in values.items()) or "the seed's defaults"
+        print(f"{name:8s} {params / 1e6:8.2f}M parameters  {changes}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"gpt2train {args.command}: error: {e}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"gpt2train {args.command}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

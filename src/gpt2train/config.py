@@ -1,0 +1,181 @@
+"""Training configuration: the typed defaults (the seed's numbers), presets, TOML files, overrides.
+
+Precedence, lowest first: the preset, the config file, then command-line flags.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import UserError
+from .model import GPTConfig
+from .tokenizer import GPT2_VOCAB_SIZE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model shape (which lives in `model`)."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    preset: str = _opt("gpt2", "named configuration to start from (see `gpt2train presets`)")
+    data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus")
+    train_tokens: int = _opt(0, "train on the first N tokens of the training split only; 0: all")
+    out_dir: str = _opt("saved_models", "where the final model is written")
+    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16")
+    seed: int = _opt(1337, "random seed for weights and data order")
+    batch_size: int = _opt(8, "sequences per step")
+    seq_len: int = _opt(1024, "tokens per sequence (at most block_size)")
+    max_steps: int = _opt(20000, "stop after this many optimizer steps")
+    warmup_steps: int = _opt(2000, "linear warmup steps before the cosine decay")
+    lr: float = _opt(6e-4, "peak learning rate")
+    min_lr: float = _opt(6e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices and embeddings")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0: off")
+    target_loss: float = _opt(0.099999, "stop and save the final model at the first step whose training loss is below this")
+    log_interval: int = _opt(10, "print a log line every N steps")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def to_flat_dict(self) -> dict:
+        """One level of keys, as in a config file: model fields beside the run fields."""
+        flat = {k: v for k, v in asdict(self).items() if k != "model"}
+        flat.update(self.model.to_dict())
+        return flat
+
+
+MODEL_FIELDS = {f.name: f for f in fields(GPTConfig)}
+RUN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "model"}
+MODEL_HELP = {
+    "block_size": "longest context the model can see (size of the position table)",
+    "vocab_size": "output vocabulary; at least GPT-2's 50,257, padded for speed",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads per block",
+    "n_embd": "embedding width",
+    "dropout": "dropout probability (0 for pre-training)",
+    "bias": "biases in Linear layers and LayerNorms",
+}
+
+PRESETS: dict[str, dict] = {
+    # The seed's run: GPT-2 124M, batch 8 x 1024.
+    "gpt2": {},
+    # A few million parameters that memorise a 1K-token slice of the built-in corpus to the
+    # seed's target loss on a 2-core CPU in a few minutes. The 50,304-wide output layer is most
+    # of the cost at this size, so the model is narrow and the steps are short.
+    "tiny": dict(
+        n_layer=2, n_head=4, n_embd=128, block_size=64,
+        seq_len=64, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=1500,
+        train_tokens=1024,
+    ),
+}
+
+
+def _field_type(dataclass_type, name: str):
+    return typing.get_type_hints(dataclass_type)[name]
+
+
+def field_types() -> dict[str, type]:
+    """The Python type of every flat config key."""
+    types = {name: _field_type(GPTConfig, name) for name in MODEL_FIELDS}
+    types.update({name: _field_type(TrainConfig, name) for name in RUN_FIELDS})
+    return types
+
+
+def _check_type(key: str, value, expected: type, source: str):
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise UserError(f"{source}: '{key}' must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def _check_keys(values: dict, source: str) -> dict:
+    types = field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key '{unknown[0]}'; valid keys are the long flag names with "
+            f"underscores (see `gpt2train train --help`)"
+        )
+    return {k: _check_type(k, v, types[k], source) for k, v in values.items()}
+
+
+def load_toml(path: str | Path) -> dict:
+    """A flat TOML table of config keys, checked for unknown keys and wrong types."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist: check the --config path") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML ({e}): fix the syntax") from None
+    return _check_keys(values, f"config file {path}")
+
+
+def resolve_config(config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Preset, then config file, then overrides; validated."""
+    file_values = load_toml(config_file) if config_file else {}
+    overrides = _check_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "option")
+    preset = overrides.get("preset", file_values.get("preset", "gpt2"))
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **file_values, **overrides, "preset": preset}
+    model = GPTConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
+    config = TrainConfig(model=model, **{k: v for k, v in values.items() if k in RUN_FIELDS})
+    validate(config)
+    return config
+
+
+def preset_config(name: str) -> TrainConfig:
+    return resolve_config(overrides={"preset": name})
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject settings that cannot train, each with the fix."""
+    m = config.model
+    checks = [
+        (m.n_layer > 0, "n_layer must be positive"),
+        (m.n_head > 0, "n_head must be positive"),
+        (m.n_embd > 0 and m.n_embd % max(m.n_head, 1) == 0, f"n_embd ({m.n_embd}) must be a positive multiple of n_head ({m.n_head})"),
+        (m.block_size > 0, "block_size must be positive"),
+        (m.vocab_size >= GPT2_VOCAB_SIZE, f"vocab_size must be at least {GPT2_VOCAB_SIZE} (the GPT-2 tokenizer's size)"),
+        (0.0 <= m.dropout < 1.0, "dropout must be in [0, 1)"),
+        (config.batch_size > 0, "batch_size must be positive"),
+        (config.seq_len > 0, "seq_len must be positive"),
+        (config.seq_len <= m.block_size, f"seq_len ({config.seq_len}) must not exceed block_size ({m.block_size}): lower --seq-len or raise --block-size"),
+        (config.max_steps > 0, "max_steps must be positive"),
+        (config.warmup_steps >= 0, "warmup_steps must not be negative"),
+        (config.lr > 0, "lr must be positive"),
+        (0 <= config.min_lr <= config.lr, f"min_lr ({config.min_lr}) must be between 0 and lr ({config.lr})"),
+        (config.weight_decay >= 0, "weight_decay must not be negative"),
+        (config.grad_clip >= 0, "grad_clip must not be negative (0 turns clipping off)"),
+        (config.log_interval > 0, "log_interval must be positive"),
+        (config.train_tokens >= 0, "train_tokens must not be negative (0 uses all)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"invalid configuration: {message}")
+
+
+def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
+    """A copy of `config` with some run fields changed, validated."""
+    new = replace(config, **changes)
+    validate(new)
+    return new

@@ -1,0 +1,91 @@
+"""Where training runs: device detection, precision and autocast, seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import random
+import sys
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; anything else must be available."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown device '{requested}': use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available: use --device cpu")
+    return device
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The compute precision. 'auto': bf16 on GPUs that support it, else fp16; fp32 on CPU."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if requested not in DTYPES:
+        raise UserError(f"unknown dtype '{requested}': use auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; weights and optimizer state stay fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def needs_grad_scaler(dtype: torch.dtype) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and does not."""
+    return dtype == torch.float16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def keep_freed_memory_mapped() -> None:
+    """Stop glibc from returning large freed blocks to the kernel after every step (Linux, CPU).
+
+    A training step allocates and frees the same large tensors (logits alone are batch x seq x
+    vocab floats) each time. By default glibc serves those from fresh mmaps and unmaps them on
+    free, so every step pays the kernel to fault the pages in and zero them again; on a 2-core
+    CPU that was ~40% of the step. Keeping them in the heap makes the next step reuse them.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):  # musl and other libcs have no mallopt
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)  # large blocks come from the heap, not one mmap each
+    libc.mallopt(m_trim_threshold, 2**31 - 1)  # and the heap's free top is not given back
