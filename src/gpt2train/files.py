@@ -28,6 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -35,6 +36,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             raise UserError(f"could not write {path}: {e.strerror}; the previous file, if any, is unchanged") from None
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
