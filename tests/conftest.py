@@ -1,3 +1,9 @@
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from gpt2train.config import resolve_config
@@ -9,24 +15,48 @@ SMALL_TEXT = (
     "The early bird catches the worm, but the second mouse gets the cheese.\n"
 )
 
+# Command-line flags for a model small enough to train in seconds on a CPU.
+TINY_FLAGS = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+              "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup-steps", "5"]
 
-@pytest.fixture
-def small_corpus(tmp_path):
-    """A prepared data directory holding a few hundred tokens of text."""
+
+def prepare_small_corpus(directory: Path) -> Path:
     from gpt2train.data import prepare
 
-    text_file = tmp_path / "corpus.txt"
-    text_file.write_text(SMALL_TEXT * 3)
-    prepare([str(text_file)], tmp_path / "data")
-    return tmp_path / "data"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "corpus.txt").write_text(SMALL_TEXT * 3)
+    prepare([str(directory / "corpus.txt")], directory / "data")
+    return directory / "data"
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A prepared data directory holding a few hundred tokens of text (shared: treat as read-only)."""
+    return prepare_small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def tiny_config(tmp_path, data_dir, **overrides):
-    """A model small enough that a test trains it in seconds on a CPU."""
+    """A model small enough that a test trains it in seconds on a CPU; all files under tmp_path."""
     values = dict(
         n_layer=1, n_head=2, n_embd=32, block_size=32, seq_len=32, batch_size=4,
         lr=1e-2, min_lr=1e-3, warmup_steps=5, max_steps=300, target_loss=1.0,
         log_interval=10, device="cpu", data=str(data_dir), out_dir=str(tmp_path / "out"),
+        run_dir=str(tmp_path / "run"),
     )
     values.update(overrides)
     return resolve_config(overrides=values)
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    """`python -m gpt2train ARGS` in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "gpt2train", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file below `directory` with its size, modification time and content hash."""
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(directory.rglob("*")) if p.is_file()
+    }

@@ -1,22 +1,9 @@
 """The command line as a user runs it: subprocesses, exit codes, files on disk."""
 
-import os
-import subprocess
-import sys
-
 import torch
 
+from conftest import TINY_FLAGS, run_cli
 from gpt2train import GPT, GPTConfig
-
-
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "gpt2train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-        "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup-steps", "5"]
 
 
 def test_help_lists_subcommands_and_shows_defaults():
@@ -27,7 +14,8 @@ def test_help_lists_subcommands_and_shows_defaults():
     for flag in ("--n-layer", "--n-head", "--n-embd", "--block-size", "--vocab-size", "--dropout", "--preset",
                  "--config", "--data", "--out-dir", "--device", "--dtype", "--seed", "--batch-size", "--seq-len",
                  "--max-steps", "--warmup-steps", "--lr", "--min-lr", "--weight-decay", "--grad-clip",
-                 "--target-loss", "--log-interval"):
+                 "--target-loss", "--log-interval", "--run-dir", "--resume", "--checkpoint-interval",
+                 "--keep-checkpoints", "--overwrite", "--max-bad-steps", "--format"):
         assert flag in train_help
     assert "(default: 20000)" in train_help and "(default: 0.099999)" in train_help
 
@@ -48,18 +36,18 @@ def test_missing_input_is_a_user_error(tmp_path):
 
 def test_no_target_exits_with_its_own_status_and_writes_nothing(tmp_path):
     out_dir = tmp_path / "models"
-    result = run_cli("train", *TINY, "--train-tokens", "2000", "--max-steps", "3", "--target-loss", "0.0001",
-                     "--out-dir", str(out_dir))
+    result = run_cli("train", *TINY_FLAGS, "--train-tokens", "2000", "--max-steps", "6", "--target-loss", "0.0001",
+                     "--out-dir", out_dir, "--run-dir", tmp_path / "run")
     assert result.returncode == 3, result.stderr
-    assert "not reached" in result.stdout
+    assert "not reached" in result.stdout and "no final model was written" in result.stdout
     assert not out_dir.exists()
 
 
 def test_train_then_sample(tmp_path):
     result = run_cli("prepare", "--out", str(tmp_path / "data"))
     assert result.returncode == 0 and "builtin" in result.stdout
-    result = run_cli("train", *TINY, "--data", str(tmp_path / "data"), "--train-tokens", "300",
-                     "--max-steps", "300", "--target-loss", "1.0", "--out-dir", str(tmp_path / "m"))
+    result = run_cli("train", *TINY_FLAGS, "--data", tmp_path / "data", "--train-tokens", "300",
+                     "--max-steps", "300", "--target-loss", "1.0", "--out-dir", tmp_path / "m", "--run-dir", tmp_path / "run")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Final model saved at: {tmp_path / 'm' / 'final_model.pt'}" in result.stdout
     result = run_cli("sample", "--model", str(tmp_path / "m/final_model.pt"), "--prompt", "The",

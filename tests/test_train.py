@@ -11,24 +11,13 @@ STEP_LINE = re.compile(r"^step \d+ \| loss: \d+\.\d{4} \| best_loss: \d+\.\d{4} 
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_corpus_module):
+def trained(tmp_path_factory, small_corpus):
     tmp = tmp_path_factory.mktemp("run")
     # The seed's snippet reads saved_models/final_model.pt relative to the working directory.
-    config = tiny_config(tmp, small_corpus_module, out_dir=str(tmp / "saved_models"))
+    config = tiny_config(tmp, small_corpus, out_dir=str(tmp / "saved_models"))
     lines = []
     result = train(config, log=lines.append)
     return config, result, lines
-
-
-@pytest.fixture(scope="module")
-def small_corpus_module(tmp_path_factory):
-    from conftest import SMALL_TEXT
-    from gpt2train.data import prepare
-
-    tmp = tmp_path_factory.mktemp("corpus")
-    (tmp / "corpus.txt").write_text(SMALL_TEXT * 3)
-    prepare([str(tmp / "corpus.txt")], tmp / "data")
-    return tmp / "data"
 
 
 def test_tiny_model_trains_below_the_target(trained):
@@ -102,8 +91,8 @@ def test_load_model_returns_fp32_eval_model(trained):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_no_target_no_final_model(tmp_path, small_corpus_module):
-    config = tiny_config(tmp_path, small_corpus_module, max_steps=3, target_loss=0.001)
+def test_no_target_no_final_model(tmp_path, small_corpus):
+    config = tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.001)
     lines = []
     result = train(config, log=lines.append)
     assert not result.reached_target and result.final_model_path is None
@@ -111,10 +100,83 @@ def test_no_target_no_final_model(tmp_path, small_corpus_module):
     assert "not reached" in lines[-1] and "no final model was written" in lines[-1]
 
 
-def test_training_is_reproducible_for_a_seed(tmp_path, small_corpus_module):
-    runs = [train(tiny_config(tmp_path, small_corpus_module, max_steps=4, target_loss=0.0), log=lambda _: None)
-            for _ in range(2)]
+def test_training_is_reproducible_for_a_seed(tmp_path, small_corpus):
+    runs = [train(tiny_config(tmp_path / name, small_corpus, max_steps=6, target_loss=0.0), log=lambda _: None)
+            for name in ("a", "b")]
     assert runs[0].losses == runs[1].losses
-    other = train(tiny_config(tmp_path, small_corpus_module, max_steps=4, target_loss=0.0, seed=1),
+    other = train(tiny_config(tmp_path / "c", small_corpus, max_steps=6, target_loss=0.0, seed=1),
                   log=lambda _: None)
     assert other.losses != runs[0].losses
+
+
+def poison_losses(monkeypatch, bad_calls, snapshots=None):
+    """Make the model's loss NaN on the given forward calls (1-based); optionally copy the weights
+    seen at each call into `snapshots`."""
+    original = GPT.forward
+    calls = []
+
+    def forward(self, idx, targets=None):
+        calls.append(None)
+        if snapshots is not None:
+            snapshots[len(calls)] = {k: v.clone() for k, v in self.state_dict().items()}
+        logits, loss = original(self, idx, targets)
+        return logits, (loss * float("nan") if len(calls) in bad_calls else loss)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted(tmp_path, small_corpus, monkeypatch):
+    weights = {}
+    poison_losses(monkeypatch, bad_calls={3, 4}, snapshots=weights)
+    lines = []
+    result = train(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0, log_interval=1),
+                   log=lines.append)
+    assert [math.isnan(x) for x in result.losses] == [False, False, True, True, False, False]
+    assert "step 3: non-finite loss (nan); update skipped (1 in a row, 1 in all)" in lines
+    assert "step 4: non-finite loss (nan); update skipped (2 in a row, 2 in all)" in lines
+    # Steps 3 and 4 changed nothing: step 5 starts from the weights step 3 started from.
+    assert all(torch.equal(weights[3][k], weights[5][k]) for k in weights[3])
+    assert not all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
+    assert result.status == "max_steps" and math.isfinite(result.best_loss)
+
+
+def test_fp16_overflow_is_skipped_by_the_grad_scaler(tmp_path, small_corpus, monkeypatch):
+    poison_losses(monkeypatch, bad_calls={2})
+    lines = []
+    result = train(tiny_config(tmp_path, small_corpus, max_steps=5, warmup_steps=2, target_loss=0.0,
+                               dtype="float16", log_interval=1), log=lines.append)
+    assert "dtype: float16" in lines[0]
+    assert any(line.startswith("step 2: non-finite") and "update skipped" in line for line in lines)
+    assert math.isfinite(result.losses[-1])
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp_path, small_corpus, monkeypatch):
+    poison_losses(monkeypatch, bad_calls=set(range(5, 100)))
+    lines = []
+    result = train(tiny_config(tmp_path, small_corpus, max_steps=50, checkpoint_interval=2, max_bad_steps=3,
+                               target_loss=0.0), log=lines.append)
+    assert result.status == "diverged" and result.steps == 7  # steps 5, 6 and 7 were bad
+    assert result.checkpoint_path.name == "step_00000004.pt"  # the last good one, still there
+    assert "3 steps in a row had a non-finite loss" in lines[-1] and "step_00000004.pt" in lines[-1]
+
+
+def test_the_cli_exit_status_for_a_diverged_run_is_its_own(tmp_path, small_corpus, monkeypatch, capsys):
+    from gpt2train.cli import EXIT_DIVERGED, main
+
+    poison_losses(monkeypatch, bad_calls=set(range(1, 100)))
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+              "--seq-len", "32", "--data", str(small_corpus), "--max-bad-steps", "2", "--run-dir", str(tmp_path / "r"),
+              "--out-dir", str(tmp_path / "o")])
+    assert exited.value.code == EXIT_DIVERGED == 4
+
+
+def test_loss_spikes_are_reported():
+    from gpt2train.train import LossMonitor
+
+    monitor = LossMonitor()
+    for step in range(1, 41):
+        assert monitor.observe(step, 2.0 + 0.01 * (step % 3), grad_norm=1.0, applied=True) == []
+    events = monitor.observe(41, 5.0, grad_norm=1.0, applied=True)
+    assert len(events) == 1 and "loss spike 5.0000" in events[0]
+    assert monitor.observe(42, 2.01, grad_norm=1.0, applied=True) == []

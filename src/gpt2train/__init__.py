@@ -1,8 +1,8 @@
 """gpt2train: train GPT-2 from text to a saved model."""
 
-from .checkpoint import load_model
 from .config import TrainConfig, resolve_config
 from .data import prepare
+from .final_model import load_model
 from .model import GPT, GPTConfig
 from .sample import generate
 from .tokenizer import get_tokenizer

@@ -1,74 +1,101 @@
-"""The final model file: written atomically in fp16, read back safely (`weights_only=True`)."""
+"""Training checkpoints: what a run needs to continue exactly where it stopped, written crash-safe.
+
+A run directory keeps them as `checkpoints/step_00000400.pt`. Each is written to a temporary file
+and renamed into place, so a file with a checkpoint's name is always complete, and the newest such
+file is the run's latest checkpoint. Contents are tensors and plain Python values only.
+"""
 
 from __future__ import annotations
 
-import pickle
+import re
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .files import atomic_write
-from .model import GPT, GPTConfig
-from .tokenizer import TOKENIZER_NAME
+from .files import atomic_write, load_weights_only
 
-FINAL_MODEL_FORMAT = "gpt2train-final-model"
-FINAL_MODEL_VERSION = 1
-
-
-def fp16_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights in fp16 on the CPU, with tied tensors kept as one tensor (saved once)."""
-    halves: dict[int, torch.Tensor] = {}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.data_ptr()
-        if key not in halves:
-            halves[key] = tensor.detach().to(device="cpu", dtype=torch.float16)
-        state[name] = halves[key]
-    return state
+CHECKPOINT_FORMAT = "gpt2train-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+REQUIRED_KEYS = ("config", "step", "best_loss", "model", "optimizer", "scaler", "rng", "sampler", "monitor", "data")
+_NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
-def save_final_model(model: GPT, path: str | Path, step: int, best_loss: float) -> None:
-    """The seed's final model: {'config': dict, 'model_state_dict': fp16 tensors, ...}."""
-    payload = {
-        "config": model.config.to_dict(),
-        "model_state_dict": fp16_state_dict(model),
-        "step": step,
-        "best_loss": best_loss,
-        "tokenizer": TOKENIZER_NAME,
-        "format": FINAL_MODEL_FORMAT,
-        "format_version": FINAL_MODEL_VERSION,
-    }
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint file lives in."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
+
+
+def find_checkpoint(resume: str, run_dir: str | Path) -> Path:
+    """The checkpoint `--resume` names: 'latest' in run_dir, a checkpoint file, or a run directory."""
+    if resume == "latest":
+        where = Path(run_dir)
+    else:
+        where = Path(resume)
+        if where.is_file():
+            return where
+        if not where.is_dir():
+            raise UserError(f"--resume {resume}: no such checkpoint file or run directory; check the path")
+        if where.name == CHECKPOINTS:
+            where = where.parent
+    latest = latest_checkpoint(where)
+    if latest is None:
+        raise UserError(
+            f"there is no checkpoint in {where / CHECKPOINTS} to resume from: start the run without --resume, "
+            "or name the run with --run-dir or --resume PATH"
+        )
+    return latest
+
+
+def save_checkpoint(run_dir: str | Path, step: int, contents: dict, keep: int) -> Path:
+    """Write the checkpoint for `step`, then delete all but the newest `keep`."""
+    path = checkpoint_path(run_dir, step)
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": step, **contents}
     atomic_write(path, lambda f: torch.save(payload, f))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
 
 
-def read_model_file(path: str | Path) -> dict:
-    """Load a model file's contents (tensors and plain values only), or explain what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist: train one first or check the path")
-    try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable model file (truncated or corrupt: {str(e).splitlines()[0]})") from None
-    if not isinstance(contents, dict) or not {"config", "model_state_dict"} <= contents.keys():
-        raise UserError(f"{path} is not a gpt2train model file (no 'config' and 'model_state_dict')")
+def delete_checkpoints(run_dir: str | Path) -> None:
+    for path in list_checkpoints(run_dir):
+        path.unlink()
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """A checkpoint's contents, checked to be a complete gpt2train checkpoint of a known version.
+
+    `mmap` maps the tensors instead of reading them: cheap when only the config is needed.
+    """
+    contents = load_weights_only(path, "checkpoint", mmap=mmap)
+    if not isinstance(contents, dict) or contents.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a gpt2train training checkpoint (a final model or another program's file?)")
+    version = contents.get("format_version")
+    if version != CHECKPOINT_VERSION:
+        raise UserError(
+            f"{path} is a version {version} checkpoint; this gpt2train reads version {CHECKPOINT_VERSION}: "
+            "resume it with the gpt2train that wrote it"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in contents]
+    if missing:
+        raise UserError(f"{path} is an incomplete checkpoint (no {', '.join(missing)}): resume from another one")
     return contents
-
-
-def load_model(path: str | Path = "saved_models/final_model.pt", device: str | torch.device | None = None) -> GPT:
-    """The saved model in fp32 and eval mode, on `device` (default: CPU)."""
-    contents = read_model_file(path)
-    try:
-        config = GPTConfig(**contents["config"])
-    except TypeError as e:
-        raise UserError(f"{path} has an invalid model config: {e}") from None
-    model = GPT(config)
-    try:
-        model.load_state_dict(contents["model_state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit its config ({str(e).splitlines()[0]})") from None
-    model = model.float().eval()
-    return model.to(device) if device is not None else model

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import signal
 import sys
 import traceback
 from dataclasses import MISSING
 
-from .config import MODEL_FIELDS, MODEL_HELP, PRESETS, RUN_FIELDS, field_types, preset_config, resolve_config
+import torch
+
+from .config import (
+    FINAL_MODEL_FORMATS, MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, field_types, preset_config, resolve_config,
+)
 from .errors import UserError
 
+# Exit statuses: 0 done (target reached), 1 a crash (a bug), and these; an interrupted run exits
+# with 128 + the signal number, as shells report.
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_TARGET_NOT_REACHED = 3
+EXIT_DIVERGED = 4
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _flag(name: str) -> str:
@@ -25,10 +40,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (defaults: the gpt2 preset)")
     for name, f in MODEL_FIELDS.items():
         _add_typed_flag(model, name, types[name], f.default, MODEL_HELP[name])
-    run = parser.add_argument_group("run")
-    run.add_argument("--config", metavar="FILE", help="TOML file of config keys (flag names with underscores)")
+    groups = {}
     for name, f in RUN_FIELDS.items():
-        _add_typed_flag(run, name, types[name], f.default, f.metadata["help"])
+        title = f.metadata["group"]
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+            if title == RUN:
+                groups[title].add_argument("--config", metavar="FILE",
+                                           help="TOML file of config keys (flag names with underscores)")
+        _add_typed_flag(groups[title], name, types[name], f.default, f.metadata["help"])
 
 
 def _add_typed_flag(group, name: str, type_: type, default, help: str) -> None:
@@ -37,15 +57,21 @@ def _add_typed_flag(group, name: str, type_: type, default, help: str) -> None:
         group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
     elif name == "preset":
         group.add_argument(_flag(name), dest=name, choices=list(PRESETS), default=None, help=help)
+    elif name == "format":
+        group.add_argument(_flag(name), dest=name, choices=FINAL_MODEL_FORMATS, default=None, help=help)
+    elif name == "resume":
+        group.add_argument(_flag(name), dest=name, nargs="?", const="latest", default=None, metavar="PATH",
+                           help="continue a run from its newest checkpoint in --run-dir, or from PATH "
+                                "(a checkpoint file or a run directory)")
     else:
         group.add_argument(_flag(name), dest=name, type=type_, default=None, metavar=name.upper(), help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2train",
         description="Train GPT-2 from text to a saved model, offline.",
         parents=[common],
@@ -95,16 +121,24 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import EXIT_TARGET_NOT_REACHED, train
+    from .checkpoint import find_checkpoint, read_checkpoint, run_dir_of
+    from .train import DIVERGED, INTERRUPTED, MAX_STEPS, train
 
     overrides = {name: getattr(args, name) for name in field_types()}
     config = resolve_config(args.config, overrides)
+    if config.resume:
+        # Continue from the checkpoint's own config: only what is set now changes it.
+        path = find_checkpoint(config.resume, config.run_dir)
+        base = {**read_checkpoint(path, mmap=True)["config"], "run_dir": str(run_dir_of(path))}
+        config = resolve_config(args.config, {**overrides, "resume": str(path)}, base=base)
     result = train(config)
-    return 0 if result.reached_target else EXIT_TARGET_NOT_REACHED
+    if result.status == INTERRUPTED:
+        return 128 + result.signal_number
+    return {MAX_STEPS: EXIT_TARGET_NOT_REACHED, DIVERGED: EXIT_DIVERGED}.get(result.status, 0)
 
 
 def cmd_sample(args) -> int:
-    from .checkpoint import load_model
+    from .final_model import load_model
     from .runtime import resolve_device
     from .sample import generate
     from .tokenizer import get_tokenizer
@@ -142,12 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except UserError as e:
+    except (UserError, torch.OutOfMemoryError) as e:
         if args.debug:
             traceback.print_exc()
+        if isinstance(e, torch.OutOfMemoryError):
+            e = "out of memory: lower --batch-size or --seq-len, or use a smaller model"
         print(f"gpt2train {args.command}: error: {e}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"gpt2train {args.command}: interrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
+        code = 128 + signal.SIGINT
     sys.exit(code)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -20,8 +20,12 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help: str, group: str):
+    """A config field with its --help text and the --help section it is listed in."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+RUN, DATA, OPTIMIZATION, CHECKPOINTS = "run", "data and output", "optimization", "logging and checkpoints"
 
 
 @dataclass
@@ -29,23 +33,34 @@ class TrainConfig:
     """Everything a training run needs besides the model shape (which lives in `model`)."""
 
     model: GPTConfig = field(default_factory=GPTConfig)
-    preset: str = _opt("gpt2", "named configuration to start from (see `gpt2train presets`)")
-    data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus")
-    train_tokens: int = _opt(0, "train on the first N tokens of the training split only; 0: all")
-    out_dir: str = _opt("saved_models", "where the final model is written")
-    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16")
-    seed: int = _opt(1337, "random seed for weights and data order")
-    batch_size: int = _opt(8, "sequences per step")
-    seq_len: int = _opt(1024, "tokens per sequence (at most block_size)")
-    max_steps: int = _opt(20000, "stop after this many optimizer steps")
-    warmup_steps: int = _opt(2000, "linear warmup steps before the cosine decay")
-    lr: float = _opt(6e-4, "peak learning rate")
-    min_lr: float = _opt(6e-5, "learning rate at the end of the cosine decay")
-    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices and embeddings")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0: off")
-    target_loss: float = _opt(0.099999, "stop and save the final model at the first step whose training loss is below this")
-    log_interval: int = _opt(10, "print a log line every N steps")
+    preset: str = _opt("gpt2", "named configuration to start from (see `gpt2train presets`)", RUN)
+    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", RUN)
+    dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16", RUN)
+    seed: int = _opt(1337, "random seed for weights and data order", RUN)
+    data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus", DATA)
+    train_tokens: int = _opt(0, "train on the first N tokens of the training split only; 0: all", DATA)
+    out_dir: str = _opt("saved_models", "where the final model is written", DATA)
+    format: str = _opt("pt", "final model file format: pt (torch.save, the seed's) or safetensors", DATA)
+    batch_size: int = _opt(8, "sequences per step", OPTIMIZATION)
+    seq_len: int = _opt(1024, "tokens per sequence (at most block_size)", OPTIMIZATION)
+    max_steps: int = _opt(20000, "stop after this many optimizer steps", OPTIMIZATION)
+    warmup_steps: int = _opt(2000, "linear warmup steps before the cosine decay", OPTIMIZATION)
+    lr: float = _opt(6e-4, "peak learning rate", OPTIMIZATION)
+    min_lr: float = _opt(6e-5, "learning rate at the end of the cosine decay", OPTIMIZATION)
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices and embeddings", OPTIMIZATION)
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0: off", OPTIMIZATION)
+    target_loss: float = _opt(0.099999, "stop and save the final model at the first step whose training loss is below this", OPTIMIZATION)
+    log_interval: int = _opt(10, "print a log line every N steps", CHECKPOINTS)
+    run_dir: str = _opt("", "where checkpoints go; empty: runs/<preset>", CHECKPOINTS)
+    checkpoint_interval: int = _opt(0, "steps between checkpoints; 0: about every 10 minutes of training", CHECKPOINTS)
+    keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep", CHECKPOINTS)
+    resume: str = _opt("", "continue a run: 'latest' (the newest checkpoint in run_dir), a checkpoint file or a run directory", CHECKPOINTS)
+    overwrite: bool = _opt(False, "start a new run in a run_dir that holds an earlier run's checkpoints, deleting them", CHECKPOINTS)
+    max_bad_steps: int = _opt(10, "stop after this many steps in a row with a non-finite loss or gradient", CHECKPOINTS)
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            self.run_dir = f"runs/{self.preset}"
 
     @property
     def tokens_per_step(self) -> int:
@@ -129,22 +144,42 @@ def load_toml(path: str | Path) -> dict:
     return _check_keys(values, f"config file {path}")
 
 
-def resolve_config(config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Preset, then config file, then overrides; validated."""
+def resolve_config(
+    config_file: str | Path | None = None, overrides: dict | None = None, base: dict | None = None
+) -> TrainConfig:
+    """Preset, then config file, then overrides; validated.
+
+    `base` replaces the preset: a resumed run starts from the flat config saved in its checkpoint,
+    so only what the user sets now changes it.
+    """
     file_values = load_toml(config_file) if config_file else {}
     overrides = _check_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "option")
-    preset = overrides.get("preset", file_values.get("preset", "gpt2"))
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **file_values, **overrides, "preset": preset}
+    chosen = {**file_values, **overrides}
+    if base is not None:
+        values = {**base, **chosen}
+    else:
+        preset = chosen.get("preset", "gpt2")
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **chosen, "preset": preset}
     model = GPTConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
     config = TrainConfig(model=model, **{k: v for k, v in values.items() if k in RUN_FIELDS})
     validate(config)
+    # A warmup longer than the run is a contradiction only when both were chosen; a short test
+    # run with the preset's warmup (--max-steps 1) simply ends inside the warmup.
+    if "warmup_steps" in chosen and config.warmup_steps > config.max_steps:
+        raise UserError(
+            f"invalid configuration: warmup_steps ({config.warmup_steps}) must not exceed max_steps "
+            f"({config.max_steps}): lower --warmup-steps or raise --max-steps"
+        )
     return config
 
 
 def preset_config(name: str) -> TrainConfig:
     return resolve_config(overrides={"preset": name})
+
+
+FINAL_MODEL_FORMATS = ("pt", "safetensors")
 
 
 def validate(config: TrainConfig) -> None:
@@ -157,6 +192,7 @@ def validate(config: TrainConfig) -> None:
         (m.block_size > 0, "block_size must be positive"),
         (m.vocab_size >= GPT2_VOCAB_SIZE, f"vocab_size must be at least {GPT2_VOCAB_SIZE} (the GPT-2 tokenizer's size)"),
         (0.0 <= m.dropout < 1.0, "dropout must be in [0, 1)"),
+        (config.preset in PRESETS, f"unknown preset '{config.preset}': choose one of {', '.join(PRESETS)}"),
         (config.batch_size > 0, "batch_size must be positive"),
         (config.seq_len > 0, "seq_len must be positive"),
         (config.seq_len <= m.block_size, f"seq_len ({config.seq_len}) must not exceed block_size ({m.block_size}): lower --seq-len or raise --block-size"),
@@ -168,14 +204,38 @@ def validate(config: TrainConfig) -> None:
         (config.grad_clip >= 0, "grad_clip must not be negative (0 turns clipping off)"),
         (config.log_interval > 0, "log_interval must be positive"),
         (config.train_tokens >= 0, "train_tokens must not be negative (0 uses all)"),
+        (config.format in FINAL_MODEL_FORMATS, f"format must be one of {', '.join(FINAL_MODEL_FORMATS)}, not '{config.format}'"),
+        (config.checkpoint_interval >= 0, "checkpoint_interval must not be negative (0 picks one from the step time)"),
+        (config.keep_checkpoints > 0, "keep_checkpoints must be at least 1"),
+        (config.max_bad_steps > 0, "max_bad_steps must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(f"invalid configuration: {message}")
 
 
-def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
-    """A copy of `config` with some run fields changed, validated."""
-    new = replace(config, **changes)
-    validate(new)
-    return new
+# What a resumed run may not change: the model's shape and the data it sees. Everything else
+# (max_steps, target_loss, log_interval, lr, ...) may be changed and is reported.
+RESUME_LOCKED_KEYS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
+                      "data", "train_tokens", "batch_size", "seq_len", "seed")
+# Keys that say how to start rather than what the run is: never compared.
+RESUME_IGNORED_KEYS = ("resume", "overwrite")
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """The safe differences between a checkpoint's config and `config`, one line each.
+
+    A locked difference raises UserError: resuming would silently become another run.
+    """
+    now = config.to_flat_dict()
+    changes = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_IGNORED_KEYS or saved.get(key) == now.get(key):
+            continue
+        if key in RESUME_LOCKED_KEYS:
+            raise UserError(
+                f"cannot resume with {key}={now.get(key)!r}: the checkpoint was trained with {key}={saved.get(key)!r}; "
+                f"drop that setting to continue the run, or start a new one with another --run-dir"
+            )
+        changes.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+    return changes

@@ -220,17 +220,27 @@ class Corpus:
     train: np.ndarray
     val: np.ndarray
     source: str
+    text_sha256: str  # identifies the text, so a resumed run can tell that its data changed
 
 
 def load_corpus(data_dir: str = "") -> Corpus:
     """A prepared directory's splits by memory map, or the built-in corpus tokenized in memory."""
     if not data_dir:
-        train, val = tokenize_splits(builtin_documents())
-        return Corpus(train, val, BUILTIN_NAME)
+        documents = builtin_documents()
+        train, val = tokenize_splits(documents)
+        return Corpus(train, val, BUILTIN_NAME, corpus_sha256(documents))
     path = Path(data_dir)
-    if not (path / META_FILE).is_file():
-        raise UserError(f"{path} is not a prepared data directory (no {META_FILE}): run `gpt2train prepare ... --out {path}`")
-    return Corpus(read_tokens(path / SPLIT_FILES["train"]), read_tokens(path / SPLIT_FILES["val"]), str(path))
+    fix = f"run `gpt2train prepare ... --out {path}`"
+    if not path.is_dir():
+        raise UserError(f"data directory {path} does not exist: {fix}")
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a prepared data directory (no {META_FILE}): {fix}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path / META_FILE} ({e}): {fix}") from None
+    train, val = read_tokens(path / SPLIT_FILES["train"]), read_tokens(path / SPLIT_FILES["val"])
+    return Corpus(train, val, str(path), str(meta.get("text_sha256", "")))
 
 
 class RandomWindowSampler:

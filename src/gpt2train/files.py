@@ -1,12 +1,17 @@
-"""Crash-safe file writing: a reader sees the old file or the complete new one, never a part."""
+"""Safe files: crash-safe writes (a reader sees the old file or the complete new one, never a part)
+and loads that never run code from the file."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+import torch
 
 from .errors import UserError
 
@@ -38,6 +43,26 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def check_writable_dir(path: str | Path, purpose: str) -> None:
+    """Fail now, not hours into a run, if `path` could not be created or written to.
+
+    Creates nothing: it writes a throwaway file in the nearest directory that already exists.
+    """
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a directory"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            problem = f"{existing} is not writable ({e.strerror})"
+    if problem:
+        raise UserError(f"cannot write the {purpose} to {path}: {problem}; choose another directory")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -55,3 +80,26 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_weights_only(path: str | Path, what: str, mmap: bool = False):
+    """torch.load that never runs code from the file; every failure is one UserError line.
+
+    `what` names the file in messages ("checkpoint", "model file").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        disallowed = re.search(r"GLOBAL ([\w.]+)", str(e))  # the class or function it would call
+        if disallowed:
+            raise UserError(
+                f"{path} holds objects other than tensors and plain values ({disallowed.group(1)}), so it is not "
+                f"a gpt2train {what}; refusing to load it"
+            ) from None
+        raise UserError(f"{path} is not a readable {what} (truncated or corrupt: not a torch file)") from None
+    except Exception as e:  # damaged bytes surface as any of a dozen exception types
+        detail = str(e).strip().splitlines()[0] if isinstance(e, (RuntimeError, OSError)) and str(e).strip() else ""
+        raise UserError(f"{path} is not a readable {what} (truncated or corrupt{': ' + detail if detail else ''})") from None

@@ -1,0 +1,157 @@
+"""Bad input: one line naming the problem and the fix, a non-zero exit, no traceback, no file touched."""
+
+import errno
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY_FLAGS, snapshot, tiny_config
+from gpt2train import GPT, GPTConfig, train
+from gpt2train.cli import main
+from gpt2train.data import HEADER
+from gpt2train.final_model import save_final_model
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory, small_corpus):
+    """A prepared corpus, a final model and a run with a checkpoint, made once and copied per test."""
+    root = tmp_path_factory.mktemp("originals")
+    shutil.copytree(small_corpus, root / "data")
+    (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (root / "no_text_here").mkdir()
+    (root / "a_file").write_text("not a directory")
+    save_final_model(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)), root / "model.pt", 1, 1.0)
+    train(tiny_config(root, root / "data", max_steps=6, target_loss=0.0), log=lambda _: None)
+    return root
+
+
+@pytest.fixture
+def work(originals, tmp_path, monkeypatch):
+    shutil.copytree(originals, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)  # default output paths (saved_models, runs) land here, where they are watched
+    return tmp_path
+
+
+def cli(capsys, *args):
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def damage(path, change) -> None:
+    path.write_bytes(change(path.read_bytes()))
+
+
+def damage_token_file(work, change) -> None:
+    damage(work / "data" / "train.bin", change)
+
+
+def write(path, text) -> None:
+    path.write_text(text)
+
+
+def checkpoint(work):
+    return next((work / "run" / "checkpoints").iterdir())
+
+
+TRAIN = ["train", *TINY_FLAGS, "--max-steps", "20"]
+
+CASES = {
+    # corpus
+    "missing input file": (lambda w: ["prepare", w / "nope.txt", "--out", w / "new"], "does not exist"),
+    "empty input file": (lambda w: ["prepare", w / "empty.txt", "--out", w / "new"], "holds no text"),
+    "not UTF-8": (lambda w: ["prepare", w / "latin1.txt", "--out", w / "new"], "is not UTF-8 text"),
+    "directory without text": (lambda w: ["prepare", w / "no_text_here", "--out", w / "new"], "holds no .txt files"),
+    "missing data directory": (lambda w: [*TRAIN, "--data", w / "nowhere"], "does not exist"),
+    "not a data directory": (lambda w: [*TRAIN, "--data", w / "no_text_here"], "not a prepared data directory"),
+    "corpus shorter than a window": (lambda w: ["train", *TINY_FLAGS, "--block-size", "512", "--seq-len", "512",
+                                                "--data", w / "data"], "fewer than seq_len + 1"),
+    # token files
+    "token file bad header": (lambda w: damage_token_file(w, lambda b: b"NOTATOKN" + b[8:])
+                              or [*TRAIN, "--data", w / "data"], "bad magic"),
+    "token file wrong dtype": (lambda w: damage_token_file(w, lambda b: b[:12] + (4).to_bytes(4, "little") + b[16:])
+                               or [*TRAIN, "--data", w / "data"], "4-byte ids"),
+    "token file truncated": (lambda w: damage_token_file(w, lambda b: b[:-10])
+                             or [*TRAIN, "--data", w / "data"], "truncated"),
+    "token ids beyond the vocabulary": (lambda w: damage_token_file(w, lambda b: b[: HEADER.size] + b"\xff\xff" + b[HEADER.size + 2:])
+                                        or [*TRAIN, "--data", w / "data"], "ids >= its vocabulary"),
+    # checkpoints
+    "truncated checkpoint": (lambda w: damage(checkpoint(w), lambda b: b[:5000])
+                             or ["train", "--resume", w / "run"], "truncated or corrupt"),
+    "corrupt checkpoint": (lambda w: damage(checkpoint(w), lambda b: b"\x80\x02garbage" * 50)
+                           or ["train", "--resume", w / "run"], "truncated or corrupt"),
+    "foreign checkpoint": (lambda w: ["train", "--resume", w / "model.pt"], "not a gpt2train training checkpoint"),
+    "checkpoint of another shape": (lambda w: ["train", "--resume", w / "run", "--n-layer", "3", "--max-steps", "20"],
+                                    "cannot resume with n_layer=3"),
+    "nothing to resume": (lambda w: ["train", "--resume", "--run-dir", w / "no_text_here"], "no checkpoint in"),
+    "new run over an earlier one": (lambda w: [*TRAIN, "--data", w / "data", "--run-dir", w / "run"],
+                                    "holds checkpoints of an earlier run"),
+    # final models
+    "truncated final model": (lambda w: damage(w / "model.pt", lambda b: b[:3000])
+                              or ["sample", "--model", w / "model.pt"], "truncated or corrupt"),
+    "corrupt final model": (lambda w: damage(w / "model.pt", lambda b: b"junk" * 100)
+                            or ["sample", "--model", w / "model.pt"], "truncated or corrupt"),
+    "foreign final model": (lambda w: ["sample", "--model", checkpoint(w)], "not a gpt2train model file"),
+    "missing final model": (lambda w: ["sample", "--model", w / "none.pt"], "does not exist"),
+    # hyperparameters and config files
+    "zero lr": (lambda w: [*TRAIN, "--lr", "0"], "lr must be positive"),
+    "negative lr": (lambda w: [*TRAIN, "--lr=-1e-3"], "lr must be positive"),
+    "zero batch": (lambda w: [*TRAIN, "--batch-size", "0"], "batch_size must be positive"),
+    "zero steps": (lambda w: ["train", "--max-steps", "0"], "max_steps must be positive"),
+    "seq_len beyond block_size": (lambda w: ["train", "--seq-len", "2048"], "must not exceed block_size"),
+    "warmup beyond max steps": (lambda w: ["train", "--warmup-steps", "50", "--max-steps", "10"],
+                                "warmup_steps (50) must not exceed max_steps (10)"),
+    "min_lr above lr": (lambda w: ["train", "--min-lr", "1e-2"], "min_lr"),
+    "unknown preset": (lambda w: ["train", "--preset", "huge"], "invalid choice: 'huge'"),
+    "unknown preset in a file": (lambda w: write(w / "c.toml", 'preset = "huge"\n')
+                                 or ["train", "--config", w / "c.toml"], "unknown preset 'huge'"),
+    "unknown config key": (lambda w: write(w / "c.toml", "learning_rate = 1e-3\n")
+                           or ["train", "--config", w / "c.toml"], "unknown key 'learning_rate'"),
+    "malformed TOML": (lambda w: write(w / "c.toml", "lr = = 3\n") or ["train", "--config", w / "c.toml"],
+                       "not valid TOML"),
+    "missing config file": (lambda w: ["train", "--config", w / "none.toml"], "does not exist"),
+    "wrong flag type": (lambda w: ["train", "--batch-size", "eight"], "invalid int value"),
+    # where the output goes
+    "final model dir under a file": (lambda w: [*TRAIN, "--data", w / "data", "--out-dir", w / "a_file" / "models"],
+                                     "cannot write the final model"),
+    "run dir under a file": (lambda w: [*TRAIN, "--data", w / "data", "--run-dir", w / "a_file" / "run"],
+                             "cannot write the checkpoints"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_clear_line_and_changes_nothing(case, work, capsys):
+    make_args, message = CASES[case]
+    args = make_args(work)  # may damage a file first: the snapshot is taken after that
+    before = snapshot(work)
+    code, out, err = cli(capsys, *args)
+    assert code == 2
+    assert message in err
+    assert err.startswith("gpt2train") and err.count("\n") == 1, err
+    assert "Traceback" not in err + out
+    assert snapshot(work) == before
+
+
+def test_debug_shows_the_traceback(work, capsys):
+    code, _, err = cli(capsys, "prepare", work / "nope.txt", "--debug")
+    assert code == 2 and "Traceback" in err and "does not exist" in err.splitlines()[-1]
+
+
+def test_disk_full_while_saving_keeps_the_previous_final_model(work, capsys, monkeypatch):
+    before = (work / "model.pt").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"PK\x03\x04 a few bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    code, out, err = cli(capsys, "train", *TINY_FLAGS, "--data", work / "data", "--target-loss", "100",
+                         "--out-dir", work, "--run-dir", work / "new_run")
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1
+    assert "Traceback" not in err
+    assert (work / "model.pt").read_bytes() == before  # a different file name, but check nothing was clobbered
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []  # no temp file left behind
+    assert not (work / "final_model.pt").exists()

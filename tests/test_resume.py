@@ -1,0 +1,152 @@
+"""Kill a run at any moment, resume it, and get exactly the run that was never interrupted."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY_FLAGS, prepare_small_corpus, run_cli, tiny_config
+from gpt2train import train
+from gpt2train.checkpoint import list_checkpoints
+from gpt2train.errors import UserError
+
+STEP = re.compile(r"^step (\d+) \| loss: (\S+) \| best_loss: (\S+) \|", re.MULTILINE)
+# Dropout makes the losses depend on the torch random state too, so resume must restore it.
+RUN_FLAGS = [*TINY_FLAGS, "--dropout", "0.1", "--target-loss", "0.3", "--max-steps", "400", "--log-interval", "1",
+             "--checkpoint-interval", "10"]
+
+
+def logged_losses(stdout: str) -> dict[int, tuple[str, str]]:
+    """step -> (loss, best_loss) as printed."""
+    return {int(step): (loss, best) for step, loss, best in STEP.findall(stdout)}
+
+
+def run_args(tmp_path, data):
+    return ["train", *RUN_FLAGS, "--data", data, "--run-dir", tmp_path / "run", "--out-dir", tmp_path / "out"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(*run_args(tmp, small_corpus))
+    assert result.returncode == 0, result.stdout + result.stderr
+    losses = logged_losses(result.stdout)
+    assert max(losses) > 30  # long enough to be interrupted after a few checkpoints
+    return losses, (tmp / "out" / "final_model.pt").read_bytes()
+
+
+def start_and_wait_for(args, pattern: str):
+    """Start `gpt2train ARGS`; return the process and its output once a line matches `pattern`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2train", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return proc, seen
+    proc.wait()
+    pytest.fail(f"the run ended before printing {pattern!r}:\n{''.join(seen)}{proc.stderr.read()}")
+
+
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, small_corpus, uninterrupted):
+    expected_losses, expected_model = uninterrupted
+    proc, seen = start_and_wait_for(run_args(tmp_path, small_corpus), r"checkpoint saved: .*step_00000020\.pt")
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up, at whatever step it has reached
+    seen += proc.stdout.readlines()
+    assert proc.wait() == -signal.SIGKILL
+    before_kill = logged_losses("".join(seen))
+    assert all(expected_losses[step] == value for step, value in before_kill.items())
+    assert not (tmp_path / "out").exists()
+
+    # Resuming needs only the run directory: everything else comes from the checkpoint.
+    resumed = run_cli("train", "--resume", tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "changed on resume" not in resumed.stdout
+    after = logged_losses(resumed.stdout)
+    assert min(after) <= max(before_kill) + 1  # it picked up from a checkpoint, not from step 1
+    assert {**before_kill, **after} == expected_losses
+    assert (tmp_path / "out" / "final_model.pt").read_bytes() == expected_model
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_corpus, uninterrupted):
+    expected_losses, expected_model = uninterrupted
+    proc, seen = start_and_wait_for(run_args(tmp_path, small_corpus), r"^step 15 ")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    stopped = re.search(r"Stopped at step (\d+): checkpoint saved at (\S+)\. Continue with: gpt2train train --resume",
+                        out)
+    assert stopped, out
+    assert "SIGTERM received" in err and "Traceback" not in err
+    step = int(stopped.group(1))
+    assert list_checkpoints(tmp_path / "run")[-1].name == f"step_{step:08d}.pt"
+
+    resumed = run_cli(*run_args(tmp_path, small_corpus), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{step:08d}.pt'} at step {step}" in resumed.stdout
+    assert {**logged_losses("".join(seen) + out), **logged_losses(resumed.stdout)} == expected_losses
+    assert (tmp_path / "out" / "final_model.pt").read_bytes() == expected_model
+
+
+def quiet(config):
+    return train(config, log=lambda _: None)
+
+
+def test_resume_refuses_another_model_shape_or_data_and_reports_safe_changes(tmp_path, small_corpus):
+    quiet(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0))
+    with pytest.raises(UserError, match=r"cannot resume with n_layer=2: the checkpoint was trained with n_layer=1"):
+        quiet(tiny_config(tmp_path, small_corpus, n_layer=2, max_steps=12, resume="latest"))
+    with pytest.raises(UserError, match="cannot resume with data="):
+        quiet(tiny_config(tmp_path, tmp_path / "other", max_steps=12, resume="latest"))
+    with pytest.raises(UserError, match="is at step 6, and max_steps is 6"):
+        quiet(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0, resume="latest"))
+
+    lines = []
+    result = train(tiny_config(tmp_path, small_corpus, max_steps=12, target_loss=0.0, log_interval=2,
+                               resume="latest"), log=lines.append)
+    assert result.steps == 12 and len(result.losses) == 6
+    assert "changed on resume: log_interval: 10 -> 2" in lines
+    assert "changed on resume: max_steps: 6 -> 12" in lines
+
+
+def test_resume_refuses_data_that_changed_on_disk(tmp_path):
+    data = prepare_small_corpus(tmp_path / "corpus")
+    quiet(tiny_config(tmp_path, data, max_steps=6, target_loss=0.0))
+    from gpt2train.data import prepare
+
+    (tmp_path / "corpus" / "corpus.txt").write_text("Completely different words now. " * 40)
+    prepare([str(tmp_path / "corpus" / "corpus.txt")], data)
+    with pytest.raises(UserError, match="training data differs"):
+        quiet(tiny_config(tmp_path, data, max_steps=12, target_loss=0.0, resume="latest"))
+
+
+def test_a_new_run_never_replaces_an_earlier_runs_checkpoints(tmp_path, small_corpus):
+    first = quiet(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0))
+    with pytest.raises(UserError, match="holds checkpoints of an earlier run .*--resume.*--overwrite"):
+        quiet(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0))
+    assert list_checkpoints(tmp_path / "run") == [first.checkpoint_path]
+    again = quiet(tiny_config(tmp_path, small_corpus, max_steps=7, target_loss=0.0, overwrite=True))
+    assert list_checkpoints(tmp_path / "run") == [again.checkpoint_path]
+    assert again.losses[:6] == first.losses
+
+
+def test_a_run_that_reached_its_target_continues_only_with_a_lower_target(tmp_path, small_corpus):
+    done = quiet(tiny_config(tmp_path, small_corpus, target_loss=2.0))
+    assert done.reached_target
+    with pytest.raises(UserError, match="already reached its target loss"):
+        quiet(tiny_config(tmp_path, small_corpus, target_loss=2.0, resume="latest"))
+    further = quiet(tiny_config(tmp_path, small_corpus, target_loss=1.0, resume="latest"))
+    assert further.reached_target and further.steps > done.steps and further.best_loss < 1.0
+
+
+def test_resume_from_a_moved_run_directory(tmp_path, small_corpus):
+    quiet(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0, keep_checkpoints=1))
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    result = run_cli("train", "--resume", tmp_path / "moved", "--max-steps", "8")
+    assert result.returncode == 3, result.stderr  # ran to max steps, target 0 never reached
+    assert [p.name for p in list_checkpoints(tmp_path / "moved")] == ["step_00000008.pt"]
