@@ -7,6 +7,7 @@ import codecs
 import signal
 import sys
 import traceback
+from pathlib import Path
 from dataclasses import MISSING
 
 import torch
@@ -92,16 +93,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", parents=[common], help="generate text from a saved model")
+    s = sub.add_parser("sample", parents=[common], help="generate text from a saved model",
+                       description="Continue a prompt, printing tokens as they are generated.")
     s.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
                    help="final model file (default: 'saved_models/final_model.pt')")
     s.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
+    s.add_argument("--prompt-file", metavar="FILE", help="continue each non-empty line of FILE in turn")
+    s.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default: 1)")
     s.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
     s.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 for greedy (default: 0.8)")
     s.add_argument("--top-k", type=int, default=200, metavar="K", help="sample among the K likeliest; 0: all (default: 200)")
-    s.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: random)")
+    s.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample among the likeliest tokens that together have probability P; 1: all (default: 1.0)")
+    s.add_argument("--ignore-eot", action="store_true", help="keep going past <|endoftext|> instead of stopping there")
+    s.add_argument("--seed", type=int, default=None,
+                   help="random seed for reproducible samples; sample i uses seed + i (default: random)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", parents=[common], help="validation loss, perplexity and bits per byte of a saved model",
+                       description="Score a model on held-out text: a prepared directory's validation split, "
+                                   "text files, or (with neither) the built-in corpus's validation split.")
+    e.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories or glob patterns to score")
+    e.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
+                   help="final model file (default: 'saved_models/final_model.pt')")
+    e.add_argument("--data", metavar="DIR", help="a directory written by `gpt2train prepare`: its validation split")
+    e.add_argument("--seq-len", type=int, default=0, metavar="N", help="tokens per window (default: the model's context)")
+    e.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
+    e.add_argument("--max-tokens", type=int, default=0, metavar="N", help="score only the first N tokens; 0: all (default: 0)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
+    e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: 'auto')")
+    e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", parents=[common], help="draw a run's loss.png from its metrics.jsonl")
+    pl.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (for example runs/tiny)")
+    pl.set_defaults(func=cmd_plot)
 
     pr = sub.add_parser("presets", parents=[common], help="list the named configurations")
     pr.set_defaults(func=cmd_presets)
@@ -143,18 +169,79 @@ def cmd_sample(args) -> int:
     from .sample import generate
     from .tokenizer import get_tokenizer
 
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
-        raise UserError("--max-new-tokens, --temperature and --top-k must not be negative")
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
+        raise UserError("--max-new-tokens, --temperature and --top-k must not be negative, --num-samples at least 1")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.prompt and args.prompt_file:
+        raise UserError("give either --prompt or --prompt-file, not both")
+    prompts = [args.prompt]
+    if args.prompt_file:
+        try:
+            prompts = [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompts from {args.prompt_file}: {e}") from None
+        if not prompts:
+            raise UserError(f"{args.prompt_file} holds no prompts: write one prompt per line")
     model = load_model(args.model, device=resolve_device(args.device))
     enc = get_tokenizer()
-    # Tokens can end inside a multi-byte character: decode the byte stream incrementally.
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(args.prompt)
-    for token in generate(model, enc.encode_ordinary(args.prompt), args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k or None, seed=args.seed):
-        sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
-        sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    for index, (prompt, sample) in enumerate((p, i) for p in prompts for i in range(args.num_samples)):
+        if index:
+            print("-" * 40)
+        # Tokens can end inside a multi-byte character: decode the byte stream incrementally.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sys.stdout.write(prompt)
+        seed = None if args.seed is None else args.seed + sample
+        for token in generate(model, enc.encode_ordinary(prompt), args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k or None, top_p=args.top_p, seed=seed,
+                              stop_at_eot=not args.ignore_eot):
+            sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_corpus, read_documents, tokenize
+    from .evaluate import evaluate
+    from .final_model import load_model
+    from .runtime import resolve_device, resolve_dtype
+
+    if args.data and args.inputs:
+        raise UserError("give either --data or input files, not both")
+    if args.seq_len < 0 or args.batch_size < 1 or args.max_tokens < 0:
+        raise UserError("--seq-len and --max-tokens must not be negative, --batch-size at least 1")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = load_model(args.model, device=device)
+    seq_len = args.seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size} tokens")
+    if args.inputs:
+        tokens, source = tokenize(read_documents(args.inputs)), ", ".join(args.inputs)
+    else:
+        corpus = load_corpus(args.data or "")
+        tokens, source = corpus.val, f"{corpus.source} (validation split)"
+    if len(tokens) < 2:
+        raise UserError(f"{source} holds fewer than two tokens: nothing to score")
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\reval: {done / total:4.0%} ({done:,}/{total:,} tokens)", end="", file=sys.stderr, flush=True)
+
+    result = evaluate(model, tokens, seq_len, args.batch_size, device, dtype, max_tokens=args.max_tokens,
+                      progress=progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(f"data: {source} | tokens: {result.tokens:,} | bytes: {result.bytes:,}")
+    print(f"val loss: {result.loss:.4f} | perplexity: {result.perplexity:.2f} | bits per byte: {result.bits_per_byte:.4f}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    print(f"loss plot: {plot_run(args.run_dir)}")
     return 0
 
 
@@ -168,7 +255,7 @@ def cmd_presets(args) -> int:
         with torch.device("meta"):  # count parameters without allocating them
             params = GPT(config.model).num_params()
         changes = ", ".join(f"{k}={v}" for k, v in values.items()) or "the seed's defaults"
-        print(f"{name:8s} {params / 1e6:8.2f}M parameters  {changes}")
+        print(f"{name:12s} {params / 1e6:9.2f}M parameters  {changes}")
     return 0
 
 

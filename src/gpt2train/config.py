@@ -5,6 +5,7 @@ Precedence, lowest first: the preset, the config file, then command-line flags.
 
 from __future__ import annotations
 
+import json
 import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -51,6 +52,12 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0: off", OPTIMIZATION)
     target_loss: float = _opt(0.099999, "stop and save the final model at the first step whose training loss is below this", OPTIMIZATION)
     log_interval: int = _opt(10, "print a log line every N steps", CHECKPOINTS)
+    eval_interval: int = _opt(500, "steps between validation-loss evaluations; 0: never", CHECKPOINTS)
+    eval_tokens: int = _opt(262144, "validation tokens per evaluation; 0: the whole split", CHECKPOINTS)
+    target_metric: str = _opt("train", "which loss the target applies to: train (each step's) or val (at evaluations)", CHECKPOINTS)
+    tensorboard: bool = _opt(False, "also write TensorBoard events to run_dir/tensorboard (needs gpt2train[tensorboard])", CHECKPOINTS)
+    wandb: bool = _opt(False, "also log to Weights & Biases (needs gpt2train[wandb] and a wandb login)", CHECKPOINTS)
+    wandb_project: str = _opt("gpt2train", "the Weights & Biases project to log to", CHECKPOINTS)
     run_dir: str = _opt("", "where checkpoints go; empty: runs/<preset>", CHECKPOINTS)
     checkpoint_interval: int = _opt(0, "steps between checkpoints; 0: about every 10 minutes of training", CHECKPOINTS)
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep", CHECKPOINTS)
@@ -88,6 +95,10 @@ MODEL_HELP = {
 PRESETS: dict[str, dict] = {
     # The seed's run: GPT-2 124M, batch 8 x 1024.
     "gpt2": {},
+    # The larger GPT-2 shapes, with the peak learning rates GPT-3's paper used at these sizes.
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5),
     # A few million parameters that memorise a 1K-token slice of the built-in corpus to the
     # seed's target loss on a 2-core CPU in a few minutes. The 50,304-wide output layer is most
     # of the cost at this size, so the model is narrow and the steps are short.
@@ -127,6 +138,22 @@ def _check_keys(values: dict, source: str) -> dict:
             f"underscores (see `gpt2train train --help`)"
         )
     return {k: _check_type(k, v, types[k], source) for k, v in values.items()}
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The config as a flat TOML file that `--config` reads back (without the one-off resume/overwrite)."""
+    lines = []
+    for key, value in config.to_flat_dict().items():
+        if key in RESUME_IGNORED_KEYS:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)  # a JSON string is a valid TOML basic string
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 def load_toml(path: str | Path) -> dict:
@@ -180,6 +207,7 @@ def preset_config(name: str) -> TrainConfig:
 
 
 FINAL_MODEL_FORMATS = ("pt", "safetensors")
+TARGET_METRICS = ("train", "val")
 
 
 def validate(config: TrainConfig) -> None:
@@ -208,6 +236,10 @@ def validate(config: TrainConfig) -> None:
         (config.checkpoint_interval >= 0, "checkpoint_interval must not be negative (0 picks one from the step time)"),
         (config.keep_checkpoints > 0, "keep_checkpoints must be at least 1"),
         (config.max_bad_steps > 0, "max_bad_steps must be at least 1"),
+        (config.eval_interval >= 0, "eval_interval must not be negative (0 turns evaluation off)"),
+        (config.eval_tokens >= 0, "eval_tokens must not be negative (0 evaluates the whole split)"),
+        (config.target_metric in TARGET_METRICS, f"target_metric must be one of {', '.join(TARGET_METRICS)}, not '{config.target_metric}'"),
+        (config.target_metric != "val" or config.eval_interval > 0, "target_metric val needs evaluations: set --eval-interval"),
     ]
     for ok, message in checks:
         if not ok:

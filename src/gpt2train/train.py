@@ -18,10 +18,13 @@ from .checkpoint import (
 from .config import TrainConfig, resume_changes
 from .data import Corpus, RandomWindowSampler, load_corpus
 from .errors import UserError
+from .evaluate import EvalResult, evaluate
 from .files import check_writable_dir
 from .final_model import final_model_path, save_final_model
+from .metrics import RunRecorder
 from .model import GPT
 from .optim import build_optimizer, lr_at
+from .plot import plot_run
 from .runtime import (
     StopRequests, autocast, dtype_name, keep_freed_memory_mapped, needs_grad_scaler, resolve_device, resolve_dtype,
     restore_rng_state, rng_state, seed_everything,
@@ -86,6 +89,7 @@ class LossMonitor:
 
     def __init__(self) -> None:
         self.best_loss = math.inf
+        self.best_val_loss = math.inf
         self.bad_in_a_row = 0
         self.skipped = 0
         self.recent: deque[float] = deque(maxlen=self.WINDOW)
@@ -110,12 +114,16 @@ class LossMonitor:
         self.recent.append(loss)
         return events
 
+    def observe_val(self, loss: float) -> None:
+        self.best_val_loss = min(self.best_val_loss, loss)
+
     def state_dict(self) -> dict:
-        return {"best_loss": self.best_loss, "bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped,
-                "recent": list(self.recent)}
+        return {"best_loss": self.best_loss, "best_val_loss": self.best_val_loss, "bad_in_a_row": self.bad_in_a_row,
+                "skipped": self.skipped, "recent": list(self.recent)}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_loss = state["best_loss"]
+        self.best_val_loss = state["best_val_loss"]
         self.bad_in_a_row = state["bad_in_a_row"]
         self.skipped = state["skipped"]
         self.recent = deque(state["recent"], maxlen=self.WINDOW)
@@ -245,131 +253,202 @@ def auto_checkpoint_interval(seconds_per_step: float) -> int:
 def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
     """Train until the training loss first drops below config.target_loss, or max_steps pass.
 
-    At the target, the fp16 final model is written to config.out_dir. Checkpoints go to
-    config.run_dir/checkpoints; config.resume continues from one exactly.
+    At the target, the fp16 final model is written to config.out_dir. Checkpoints, config.toml,
+    metrics.jsonl and loss.png go to config.run_dir; config.resume continues a run exactly.
     """
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    final_path = final_model_path(config.out_dir, config.format)
-    check_writable_dir(final_path.parent, "final model")
-    check_writable_dir(config.run_dir, "checkpoints")
-    resume = _checkpoint_to_resume(config)
-    if device.type == "cpu":
-        keep_freed_memory_mapped()
-    seed_everything(config.seed)
+    return Trainer(config, log).run()
 
-    corpus = load_corpus(config.data)
-    tokens = corpus.train[: config.train_tokens] if config.train_tokens else corpus.train
-    sampler = RandomWindowSampler(tokens, config.batch_size, config.seq_len, seed=config.seed)
-    model = GPT(config.model).to(device)
-    t = Trainee(
-        model=model,
-        optimizer=build_optimizer(model, config.lr, config.weight_decay),
-        scaler=torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(dtype)),
-        device=device,
-        dtype=dtype,
-    )
-    monitor = LossMonitor()
-    data = _data_identity(corpus, len(tokens))
-    start_step = 0
-    for line in _header(config, model, device, dtype, corpus, len(tokens)):
-        log(line)
-    if resume is not None:
-        path, saved, changes = resume
-        _restore(saved, t, sampler, monitor, data, path)
-        start_step = saved["step"]
-        del saved
-        log(f"resumed from {path} at step {start_step:,} (best loss {monitor.best_loss:.6f})")
-        for change in changes:
-            log(f"changed on resume: {change}")
 
-    def checkpoint(step: int, finished: str = "") -> Path:
+class Trainer:
+    """One training run: set up (new or resumed) on construction, then `run()` to its end."""
+
+    def __init__(self, config: TrainConfig, log: Log = print_flush):
+        self.config, self.log = config, log
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.final_path = final_model_path(config.out_dir, config.format)
+        check_writable_dir(self.final_path.parent, "final model")
+        check_writable_dir(config.run_dir, "checkpoints")
+        resume = _checkpoint_to_resume(config)
+        if self.device.type == "cpu":
+            keep_freed_memory_mapped()
+        seed_everything(config.seed)
+
+        self.corpus = load_corpus(config.data)
+        if config.target_metric == "val" and len(self.corpus.val) < 2:
+            raise UserError(f"--target-metric val needs a validation split, and {self.corpus.source} has none: "
+                            "prepare the data with a --val-fraction above 0")
+        tokens = self.corpus.train[: config.train_tokens] if config.train_tokens else self.corpus.train
+        self.sampler = RandomWindowSampler(tokens, config.batch_size, config.seq_len, seed=config.seed)
+        self.model = GPT(config.model).to(self.device)
+        self.t = Trainee(
+            model=self.model,
+            optimizer=build_optimizer(self.model, config.lr, config.weight_decay),
+            scaler=torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.dtype)),
+            device=self.device,
+            dtype=self.dtype,
+        )
+        self.monitor = LossMonitor()
+        self.data = _data_identity(self.corpus, len(tokens))
+        self.step = 0
+        self.losses: list[float] = []
+        for line in _header(config, self.model, self.device, self.dtype, self.corpus, len(tokens)):
+            log(line)
+        if resume is not None:
+            path, saved, changes = resume
+            _restore(saved, self.t, self.sampler, self.monitor, self.data, path)
+            self.step = saved["step"]
+            log(f"resumed from {path} at step {self.step:,} (best loss {self.monitor.best_loss:.6f})")
+            for change in changes:
+                log(f"changed on resume: {change}")
+        self.recorder = RunRecorder(config, resumed_step=self.step)
+
+    def run(self) -> TrainResult:
+        config, log = self.config, self.log
+        interval = config.checkpoint_interval
+        if interval:
+            log(f"checkpoints every {interval:,} steps, at the end and when stopped, in {self._checkpoint_dir()}")
+        step_times: list[float] = []
+        first_step = self.step + 1
+        loop_started = time.perf_counter()
+        estimated = False
+        with StopRequests() as stop:
+            while self.step < config.max_steps:
+                self.step += 1
+                step = self.step
+                started = time.perf_counter()
+                lr = lr_at(step - 1, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
+                x, y = self.sampler.next_batch()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                loss, grad_norm, applied = train_step(self.t, x, y, lr, config.grad_clip)
+                seconds = time.perf_counter() - started
+                self.losses.append(loss)
+                events = self.monitor.observe(step, loss, grad_norm, applied)
+                val = self._evaluate() if config.eval_interval and step % config.eval_interval == 0 else None
+                if config.target_metric == "val":
+                    reached = val is not None and val.loss < config.target_loss
+                else:
+                    reached = loss < config.target_loss  # NaN never is
+
+                logged = step % config.log_interval == 0 or reached
+                if logged:
+                    log(format_step_line(step, loss, self.monitor.best_loss, seconds))
+                for event in events:
+                    log(event)
+                if val is not None:
+                    log(f"step {step} | val_loss: {val.loss:.4f} | val_perplexity: {val.perplexity:.2f} | "
+                        f"val_bits_per_byte: {val.bits_per_byte:.4f}")
+                if logged or val is not None:
+                    measured = {"val_loss": val.loss, "val_perplexity": val.perplexity,
+                                "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
+                    self.recorder.record(step, loss=loss, best_loss=self.monitor.best_loss, lr=lr, grad_norm=grad_norm,
+                                         tokens_per_s=config.tokens_per_step / seconds, step_time=seconds, **measured)
+
+                if step > first_step:
+                    step_times.append(seconds)
+                if (
+                    not estimated and step_times and step < config.max_steps
+                    and (len(step_times) >= ESTIMATE_STEPS or time.perf_counter() - loop_started > ESTIMATE_SECONDS)
+                ):
+                    per_step = statistics.median(step_times)
+                    log(_estimate_line(config, self.device, per_step, step))
+                    if not interval:
+                        interval = auto_checkpoint_interval(per_step)
+                        log(f"checkpoints every {interval:,} steps (about {format_duration(interval * per_step)}), "
+                            f"at the end and when stopped, in {self._checkpoint_dir()}")
+                    estimated = True
+
+                if reached:
+                    return self._reached_target()
+                if self.monitor.bad_in_a_row >= config.max_bad_steps:
+                    return self._diverged()
+                if stop.signal_number is not None:
+                    return self._interrupted(stop.signal_number)
+                # Never during a run of bad steps: the last good checkpoint is the one to go back to.
+                if interval and step % interval == 0 and step < config.max_steps and self.monitor.bad_in_a_row == 0:
+                    log(f"checkpoint saved: {self._checkpoint()}")
+        return self._out_of_steps()
+
+    def _evaluate(self) -> EvalResult | None:
+        if len(self.corpus.val) < 2:
+            return None
+        val = evaluate(self.model, self.corpus.val, self.config.seq_len, self.config.batch_size, self.device,
+                       self.dtype, max_tokens=self.config.eval_tokens)
+        self.monitor.observe_val(val.loss)
+        return val
+
+    def _checkpoint_dir(self) -> Path:
+        return Path(self.config.run_dir) / "checkpoints"
+
+    def _checkpoint(self, finished: str = "") -> Path:
+        config = self.config
         contents = {
             "config": config.to_flat_dict(),
-            "best_loss": monitor.best_loss,
-            "lr": lr_at(step, config.lr, config.min_lr, config.warmup_steps, config.max_steps),  # the next step's
+            "best_loss": self.monitor.best_loss,
+            # The learning rate of the next step: where the schedule stands.
+            "lr": lr_at(self.step, config.lr, config.min_lr, config.warmup_steps, config.max_steps),
             "finished": finished,
-            "model": model.state_dict(),
-            "optimizer": t.optimizer.state_dict(),
-            "scaler": t.scaler.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.t.optimizer.state_dict(),
+            "scaler": self.t.scaler.state_dict(),
             "rng": rng_state(),
-            "sampler": sampler.state_dict(),
-            "monitor": monitor.state_dict(),
-            "data": data,
+            "sampler": self.sampler.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "data": self.data,
         }
-        return save_checkpoint(config.run_dir, step, contents, keep=config.keep_checkpoints)
+        return save_checkpoint(config.run_dir, self.step, contents, keep=config.keep_checkpoints)
 
-    losses: list[float] = []
+    def _best(self) -> float:
+        """The best value of the loss the target applies to."""
+        return self.monitor.best_val_loss if self.config.target_metric == "val" else self.monitor.best_loss
 
-    def result(status: str, step: int, **extra) -> TrainResult:
-        return TrainResult(status, step, monitor.best_loss, model=model, losses=losses, **extra)
+    def _close_records(self) -> None:
+        """Finish metrics.jsonl and draw loss.png."""
+        self.recorder.close()
+        try:
+            self.log(f"loss plot: {plot_run(self.config.run_dir)}")
+        except UserError as e:  # matplotlib is optional; a plot is never worth failing a run for
+            self.log(f"loss plot not drawn: {e}")
 
-    step_times: list[float] = []
-    interval = config.checkpoint_interval
-    if interval:
-        log(f"checkpoints every {interval:,} steps, at the end and when stopped, in {Path(config.run_dir) / 'checkpoints'}")
-    estimated = False
-    loop_started = time.perf_counter()
-    with StopRequests() as stop:
-        for step in range(start_step + 1, config.max_steps + 1):
-            started = time.perf_counter()
-            lr = lr_at(step - 1, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
-            x, y = sampler.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, grad_norm, applied = train_step(t, x, y, lr, config.grad_clip)
-            seconds = time.perf_counter() - started
-            losses.append(loss)
-            events = monitor.observe(step, loss, grad_norm, applied)
-            reached = loss < config.target_loss  # NaN never is
+    def _result(self, status: str, **extra) -> TrainResult:
+        return TrainResult(status, self.step, self._best(), model=self.model, losses=self.losses, **extra)
 
-            if step % config.log_interval == 0 or reached:
-                log(format_step_line(step, loss, monitor.best_loss, seconds))
-            for event in events:
-                log(event)
-            if step > start_step + 1:
-                step_times.append(seconds)
-            if (
-                not estimated and step_times and step < config.max_steps
-                and (len(step_times) >= ESTIMATE_STEPS or time.perf_counter() - loop_started > ESTIMATE_SECONDS)
-            ):
-                per_step = statistics.median(step_times)
-                log(_estimate_line(config, device, per_step, step))
-                if not interval:
-                    interval = auto_checkpoint_interval(per_step)
-                    log(f"checkpoints every {interval:,} steps (about {format_duration(interval * per_step)}), "
-                        f"at the end and when stopped, in {Path(config.run_dir) / 'checkpoints'}")
-                estimated = True
+    def _reached_target(self) -> TrainResult:
+        best = self._best()
+        save_final_model(self.model, self.final_path, step=self.step, best_loss=best)
+        checkpoint = self._checkpoint(finished=TARGET_REACHED)
+        self.log(f"Target loss achieved! Best loss: {best:.6f}")
+        self.log(f"Final model saved at: {self.final_path}")
+        self.log(f"Training completed. Best loss: {best:.6f}")
+        self.log(f"Final model perplexity: {math.exp(best):.4f} (exp of the best loss)")
+        self._close_records()
+        return self._result(TARGET_REACHED, final_model_path=self.final_path, checkpoint_path=checkpoint)
 
-            if reached:
-                save_final_model(model, final_path, step=step, best_loss=monitor.best_loss)
-                saved_to = checkpoint(step, finished=TARGET_REACHED)
-                log(f"Target loss achieved! Best loss: {monitor.best_loss:.6f}")
-                log(f"Final model saved at: {final_path}")
-                log(f"Training completed. Best loss: {monitor.best_loss:.6f}")
-                log(f"Final model perplexity: {math.exp(monitor.best_loss):.4f} (exp of the best loss)")
-                return result(TARGET_REACHED, step, final_model_path=final_path, checkpoint_path=saved_to)
-            if monitor.bad_in_a_row >= config.max_bad_steps:
-                last = latest_checkpoint(config.run_dir)
-                log(
-                    f"Stopping at step {step}: {monitor.bad_in_a_row} steps in a row had a non-finite loss or gradient, "
-                    f"and none of them changed the weights. The last checkpoint ({last or 'none was written'}) is "
-                    "intact: resume from it with a lower --lr or --dtype float32."
-                )
-                return result(DIVERGED, step, final_model_path=None, checkpoint_path=last)
-            if stop.signal_number is not None:
-                saved_to = checkpoint(step)
-                log(f"Stopped at step {step}: checkpoint saved at {saved_to}. "
-                    f"Continue with: gpt2train train --resume {config.run_dir}")
-                return result(INTERRUPTED, step, final_model_path=None, checkpoint_path=saved_to,
-                              signal_number=stop.signal_number)
-            # Never during a run of bad steps: the last good checkpoint is the one to go back to.
-            if interval and step % interval == 0 and step < config.max_steps and monitor.bad_in_a_row == 0:
-                log(f"checkpoint saved: {checkpoint(step)}")
+    def _diverged(self) -> TrainResult:
+        last = latest_checkpoint(self.config.run_dir)
+        self.log(
+            f"Stopping at step {self.step}: {self.monitor.bad_in_a_row} steps in a row had a non-finite loss or "
+            f"gradient, and none of them changed the weights. The last checkpoint ({last or 'none was written'}) "
+            "is intact: resume from it with a lower --lr or --dtype float32."
+        )
+        self._close_records()
+        return self._result(DIVERGED, final_model_path=None, checkpoint_path=last)
 
-    saved_to = checkpoint(config.max_steps, finished=MAX_STEPS)
-    log(
-        f"Target loss {config.target_loss} not reached in {config.max_steps:,} steps "
-        f"(best loss: {monitor.best_loss:.6f}, perplexity {math.exp(monitor.best_loss):.4f}); no final model was written. "
-        f"Raise --max-steps or --target-loss; continue this run with --resume --max-steps N."
-    )
-    return result(MAX_STEPS, config.max_steps, final_model_path=None, checkpoint_path=saved_to)
+    def _interrupted(self, signal_number: int) -> TrainResult:
+        checkpoint = self._checkpoint()
+        self.log(f"Stopped at step {self.step}: checkpoint saved at {checkpoint}. "
+                 f"Continue with: gpt2train train --resume {self.config.run_dir}")
+        self._close_records()
+        return self._result(INTERRUPTED, final_model_path=None, checkpoint_path=checkpoint,
+                            signal_number=signal_number)
+
+    def _out_of_steps(self) -> TrainResult:
+        config, best = self.config, self.monitor.best_loss
+        checkpoint = self._checkpoint(finished=MAX_STEPS)
+        self.log(
+            f"Target loss {config.target_loss} not reached in {config.max_steps:,} steps "
+            f"(best loss: {best:.6f}, perplexity {math.exp(best):.4f}); no final model was written. "
+            f"Raise --max-steps or --target-loss; continue this run with --resume --max-steps N."
+        )
+        self._close_records()
+        return self._result(MAX_STEPS, final_model_path=None, checkpoint_path=checkpoint)

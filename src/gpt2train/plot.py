@@ -1,0 +1,53 @@
+"""loss.png: a run's train and validation loss against steps, with its target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import load_toml
+from .errors import UserError
+from .files import atomic_write
+from .metrics import CONFIG_FILE, read_metrics
+
+PLOT_FILE = "loss.png"
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Draw run_dir/loss.png from its metrics.jsonl and config.toml; returns the path."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    config = load_toml(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("drawing loss.png needs matplotlib: pip install 'gpt2train[plot]'") from None
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if not train and not val:
+        raise UserError(f"{run_dir} has no losses recorded yet: plot it after its first logged step")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", markersize=3)
+    target = config.get("target_loss")
+    if target:
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
+        metric = val if config.get("target_metric") == "val" else train
+        reached = next((step for step, loss in metric if loss < target), None)
+        if reached is not None:
+            ax.axvline(reached, color="green", linestyle=":", linewidth=1, label=f"target reached at step {reached:,}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_yscale("log")
+    ax.set_title(f"{run_dir.name} ({config['preset']} preset)" if "preset" in config else run_dir.name)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = run_dir / PLOT_FILE
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return path
