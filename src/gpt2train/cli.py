@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", parents=[common], help="generate text from a saved model")
     s.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
-                   help="final model file (default: 'saved_models/final_model.pt')")
+                   help="final model file or Hugging Face GPT-2 directory (default: 'saved_models/final_model.pt')")
     s.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
     s.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
     s.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 for greedy (default: 0.8)")
@@ -102,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: random)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("export", parents=[common], help="write a saved model in another format",
+                       description="Write a saved model as a Hugging Face GPT-2 directory (config.json, "
+                                   "model.safetensors, tokenizer files) that transformers loads.")
+    e.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
+                   help="the model to export (default: 'saved_models/final_model.pt')")
+    e.add_argument("--format", choices=["hf"], default="hf", help="hf: a Hugging Face GPT-2 directory (default: 'hf')")
+    e.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
+    e.add_argument("--trim-vocab", action="store_true",
+                   help="keep GPT-2's 50,257 tokens only, dropping the padded vocabulary rows")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
+    e.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", parents=[common], help="list the named configurations")
     pr.set_defaults(func=cmd_presets)
@@ -155,6 +167,15 @@ def cmd_sample(args) -> int:
         sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .final_model import load_model
+    from .hf import export_hf
+
+    out = export_hf(load_model(args.model), args.out, trim_vocab=args.trim_vocab, overwrite=args.overwrite)
+    print(f"Exported {args.model} to {out} as a Hugging Face GPT-2 directory")
     return 0
 
 

@@ -20,6 +20,7 @@ from .data import Corpus, RandomWindowSampler, load_corpus
 from .errors import UserError
 from .files import check_writable_dir
 from .final_model import final_model_path, save_final_model
+from .hf import read_hf_model
 from .model import GPT
 from .optim import build_optimizer, lr_at
 from .runtime import (
@@ -261,7 +262,10 @@ def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
     corpus = load_corpus(config.data)
     tokens = corpus.train[: config.train_tokens] if config.train_tokens else corpus.train
     sampler = RandomWindowSampler(tokens, config.batch_size, config.seq_len, seed=config.seed)
-    model = GPT(config.model).to(device)
+    model = GPT(config.model)
+    if config.init_from and resume is None:  # a resumed run takes its weights from the checkpoint
+        model.load_state_dict(read_hf_model(config.init_from)[1])
+    model = model.to(device)
     t = Trainee(
         model=model,
         optimizer=build_optimizer(model, config.lr, config.weight_decay),
@@ -282,6 +286,8 @@ def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
         log(f"resumed from {path} at step {start_step:,} (best loss {monitor.best_loss:.6f})")
         for change in changes:
             log(f"changed on resume: {change}")
+    elif config.init_from:
+        log(f"initialized from {config.init_from}")
 
     def checkpoint(step: int, finished: str = "") -> Path:
         contents = {
