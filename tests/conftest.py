@@ -54,6 +54,16 @@ def run_cli(*args, cwd=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli(capsys, *args):
+    """`gpt2train ARGS` in this process: (exit status, stdout, stderr)."""
+    from gpt2train.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
 def snapshot(directory: Path) -> dict:
     """Every file below `directory` with its size, modification time and content hash."""
     return {

@@ -6,9 +6,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_FLAGS, snapshot, tiny_config
+from conftest import TINY_FLAGS, cli, snapshot, tiny_config
 from gpt2train import GPT, GPTConfig, train
-from gpt2train.cli import main
 from gpt2train.data import HEADER
 from gpt2train.final_model import save_final_model
 
@@ -32,13 +31,6 @@ def work(originals, tmp_path, monkeypatch):
     shutil.copytree(originals, tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)  # default output paths (saved_models, runs) land here, where they are watched
     return tmp_path
-
-
-def cli(capsys, *args):
-    with pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exited.value.code, out, err
 
 
 def damage(path, change) -> None:

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", parents=[common], help="generate text from a saved model",
                        description="Continue a prompt, printing tokens as they are generated.")
     s.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
-                   help="final model file (default: 'saved_models/final_model.pt')")
+                   help="final model file or Hugging Face GPT-2 directory (default: 'saved_models/final_model.pt')")
     s.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
     s.add_argument("--prompt-file", metavar="FILE", help="continue each non-empty line of FILE in turn")
     s.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default: 1)")
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "text files, or (with neither) the built-in corpus's validation split.")
     e.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories or glob patterns to score")
     e.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
-                   help="final model file (default: 'saved_models/final_model.pt')")
+                   help="final model file or Hugging Face GPT-2 directory (default: 'saved_models/final_model.pt')")
     e.add_argument("--data", metavar="DIR", help="a directory written by `gpt2train prepare`: its validation split")
     e.add_argument("--seq-len", type=int, default=0, metavar="N", help="tokens per window (default: the model's context)")
     e.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", parents=[common], help="draw a run's loss.png from its metrics.jsonl")
     pl.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (for example runs/tiny)")
     pl.set_defaults(func=cmd_plot)
+
+    x = sub.add_parser("export", parents=[common], help="write a saved model in another format",
+                       description="Write a saved model as a Hugging Face GPT-2 directory (config.json, "
+                                   "model.safetensors, tokenizer files) that transformers loads.")
+    x.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
+                   help="the model to export (default: 'saved_models/final_model.pt')")
+    x.add_argument("--format", choices=["hf"], default="hf", help="hf: a Hugging Face GPT-2 directory (default: 'hf')")
+    x.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
+    x.add_argument("--trim-vocab", action="store_true",
+                   help="keep GPT-2's 50,257 tokens only, dropping the padded vocabulary rows")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
+    x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", parents=[common], help="list the named configurations")
     pr.set_defaults(func=cmd_presets)
@@ -242,6 +254,15 @@ def cmd_plot(args) -> int:
     from .plot import plot_run
 
     print(f"loss plot: {plot_run(args.run_dir)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .final_model import load_model
+    from .hf import export_hf
+
+    out = export_hf(load_model(args.model), args.out, trim_vocab=args.trim_vocab, overwrite=args.overwrite)
+    print(f"Exported {args.model} to {out} as a Hugging Face GPT-2 directory")
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
+from .hf import read_hf_config
 from .model import GPTConfig
 from .tokenizer import GPT2_VOCAB_SIZE
 
@@ -38,6 +39,8 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", RUN)
     dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16", RUN)
     seed: int = _opt(1337, "random seed for weights and data order", RUN)
+    init_from: str = _opt("", "start from the GPT-2 weights in this Hugging Face model directory, whose config.json "
+                              "sets the model's shape; empty: random weights", RUN)
     data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus", DATA)
     train_tokens: int = _opt(0, "train on the first N tokens of the training split only; 0: all", DATA)
     out_dir: str = _opt("saved_models", "where the final model is written", DATA)
@@ -189,6 +192,8 @@ def resolve_config(
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         values = {**PRESETS[preset], **chosen, "preset": preset}
+        if values.get("init_from"):
+            values.update(_shape_of(values["init_from"], chosen))
     model = GPTConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
     config = TrainConfig(model=model, **{k: v for k, v in values.items() if k in RUN_FIELDS})
     validate(config)
@@ -200,6 +205,19 @@ def resolve_config(
             f"({config.max_steps}): lower --warmup-steps or raise --max-steps"
         )
     return config
+
+
+def _shape_of(init_from: str, chosen: dict) -> dict:
+    """The model shape of the Hugging Face directory a run starts from; what the user chose must agree."""
+    shape = read_hf_config(init_from).to_dict()
+    del shape["dropout"]  # a training setting: the run's own
+    for key, value in shape.items():
+        if key in chosen and chosen[key] != value:
+            raise UserError(
+                f"{key}={chosen[key]!r} disagrees with {init_from}, whose model has {key}={value!r}: drop that "
+                f"setting, since --init-from sets the model's shape"
+            )
+    return shape
 
 
 def preset_config(name: str) -> TrainConfig:
@@ -249,7 +267,7 @@ def validate(config: TrainConfig) -> None:
 # What a resumed run may not change: the model's shape and the data it sees. Everything else
 # (max_steps, target_loss, log_interval, lr, ...) may be changed and is reported.
 RESUME_LOCKED_KEYS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
-                      "data", "train_tokens", "batch_size", "seq_len", "seed")
+                      "data", "train_tokens", "batch_size", "seq_len", "seed", "init_from")
 # Keys that say how to start rather than what the run is: never compared.
 RESUME_IGNORED_KEYS = ("resume", "overwrite")
 
@@ -260,6 +278,8 @@ def resume_changes(saved: dict, config: TrainConfig) -> list[str]:
     A locked difference raises UserError: resuming would silently become another run.
     """
     now = config.to_flat_dict()
+    # A key added after the checkpoint was written had its default then.
+    saved = {**{name: f.default for name, f in RUN_FIELDS.items()}, **saved}
     changes = []
     for key in sorted(set(saved) | set(now)):
         if key in RESUME_IGNORED_KEYS or saved.get(key) == now.get(key):

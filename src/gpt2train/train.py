@@ -21,6 +21,7 @@ from .errors import UserError
 from .evaluate import EvalResult, evaluate
 from .files import check_writable_dir
 from .final_model import final_model_path, save_final_model
+from .hf import read_hf_model
 from .metrics import RunRecorder
 from .model import GPT
 from .optim import build_optimizer, lr_at
@@ -280,7 +281,10 @@ class Trainer:
                             "prepare the data with a --val-fraction above 0")
         tokens = self.corpus.train[: config.train_tokens] if config.train_tokens else self.corpus.train
         self.sampler = RandomWindowSampler(tokens, config.batch_size, config.seq_len, seed=config.seed)
-        self.model = GPT(config.model).to(self.device)
+        self.model = GPT(config.model)
+        if config.init_from and resume is None:  # a resumed run takes its weights from the checkpoint
+            self.model.load_state_dict(read_hf_model(config.init_from)[1])
+        self.model.to(self.device)
         self.t = Trainee(
             model=self.model,
             optimizer=build_optimizer(self.model, config.lr, config.weight_decay),
@@ -301,6 +305,8 @@ class Trainer:
             log(f"resumed from {path} at step {self.step:,} (best loss {self.monitor.best_loss:.6f})")
             for change in changes:
                 log(f"changed on resume: {change}")
+        elif config.init_from:
+            log(f"initialized from {config.init_from}")
         self.recorder = RunRecorder(config, resumed_step=self.step)
 
     def run(self) -> TrainResult:
