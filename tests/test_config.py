@@ -66,3 +66,12 @@ def test_missing_config_file():
 def test_invalid_hyperparameters_are_rejected(overrides, message):
     with pytest.raises(UserError, match=message):
         resolve_config(overrides=overrides)
+
+
+def test_the_example_configs_load(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "configs"
+    assert resolve_config(root / "gpt2.toml") == resolve_config()
+    finetune = resolve_config(root / "finetune-tiny.toml")
+    assert finetune.preset == "tiny" and finetune.target_metric == "val" and finetune.train_tokens == 0
