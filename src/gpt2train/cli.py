@@ -13,8 +13,9 @@ from dataclasses import MISSING
 import torch
 
 from .config import (
-    FINAL_MODEL_FORMATS, MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, field_types, preset_config, resolve_config,
+    FINAL_MODEL_FORMATS, MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, base_type, field_types, preset_config, resolve_config,
 )
+from .bench import VARIANTS
 from .errors import UserError
 
 # Exit statuses: 0 done (target reached), 1 a crash (a bug), and these; an interrupted run exits
@@ -53,7 +54,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_typed_flag(group, name: str, type_: type, default, help: str) -> None:
-    help = f"{help} (default: {default!r})" if default is not MISSING else help
+    if default is not MISSING and default is not None:
+        help = f"{help} (default: {default!r})"
+    type_ = base_type(type_)
     if type_ is bool:
         group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
     elif name == "preset":
@@ -140,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep GPT-2's 50,257 tokens only, dropping the padded vocabulary rows")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
     x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", parents=[common], help="time training steps on synthetic tokens",
+                       description="Time gpt2train's training step on synthetic tokens: ms/step, tokens/s, "
+                                   "TFLOP/s, MFU and peak memory; with --compare-eager, side by side with plain "
+                                   "eager PyTorch, each variant in a process of its own.")
+    _add_config_flags(b)
+    b.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default: 10)")
+    b.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default: 3)")
+    b.add_argument("--compare-eager", action="store_true",
+                   help="also time plain eager PyTorch (fp32 and bf16 autocast on a CPU, the run's precision on a GPU)")
+    b.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="instead, time decoding N tokens with and without the KV cache")
+    b.add_argument("--variant", choices=list(VARIANTS), help="time only this variant, in this process")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.set_defaults(func=cmd_bench)
 
     pr = sub.add_parser("presets", parents=[common], help="list the named configurations")
     pr.set_defaults(func=cmd_presets)
@@ -263,6 +281,35 @@ def cmd_export(args) -> int:
 
     out = export_hf(load_model(args.model), args.out, trim_vocab=args.trim_vocab, overwrite=args.overwrite)
     print(f"Exported {args.model} to {out} as a Hugging Face GPT-2 directory")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import tempfile
+
+    from .bench import as_json, describe, generation_report, run_in_subprocess, run_variant
+    from .config import to_toml
+    from .runtime import resolve_device
+
+    if args.steps < 1 or args.warmup < 0 or args.generate < 0:
+        raise UserError("--steps must be at least 1, --warmup and --generate not negative")
+    config = resolve_config(args.config, {name: getattr(args, name) for name in field_types()})
+    device = resolve_device(config.device)
+    if args.generate:
+        print("\n".join(generation_report(config, device, args.generate)))
+        return 0
+    if args.variant:
+        results = [run_variant(config, args.variant, args.steps, args.warmup)]
+    else:
+        variants = ["gpt2train"]
+        if args.compare_eager:
+            variants += ["eager-fp32", "eager-bf16"] if device.type == "cpu" else ["eager"]
+        with tempfile.TemporaryDirectory() as tmp:
+            config_file = Path(tmp) / "bench.toml"
+            config_file.write_text(to_toml(config))
+            argv = ["--config", str(config_file), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            results = [run_in_subprocess(argv, variant) for variant in variants]
+    print(as_json(config, results, device) if args.json else "\n".join(describe(config, results, device)))
     return 0
 
 

@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", RUN)
     dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16", RUN)
     seed: int = _opt(1337, "random seed for weights and data order", RUN)
+    compile: bool | None = _opt(None, "torch.compile the model for training (default: on CUDA GPUs only)", RUN)
     init_from: str = _opt("", "start from the GPT-2 weights in this Hugging Face model directory, whose config.json "
                               "sets the model's shape; empty: random weights", RUN)
     data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus", DATA)
@@ -124,7 +125,14 @@ def field_types() -> dict[str, type]:
     return types
 
 
+def base_type(annotation) -> type:
+    """`bool` for `bool | None`: the type a setting takes when it is set."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
 def _check_type(key: str, value, expected: type, source: str):
+    expected = base_type(expected)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
@@ -147,7 +155,7 @@ def to_toml(config: TrainConfig) -> str:
     """The config as a flat TOML file that `--config` reads back (without the one-off resume/overwrite)."""
     lines = []
     for key, value in config.to_flat_dict().items():
-        if key in RESUME_IGNORED_KEYS:
+        if key in RESUME_IGNORED_KEYS or value is None:  # TOML has no null: unset means the default
             continue
         if isinstance(value, bool):
             text = "true" if value else "false"

@@ -38,13 +38,14 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """The compute precision. 'auto': bf16 on GPUs that support it, else fp16; fp32 on CPU."""
+    """The compute precision. 'auto': bf16 on GPUs that support it, else fp16; on a CPU, bf16 where
+    it has bf16 matrix instructions (AMX or AVX-512 BF16), else fp32 (emulated bf16 is far slower)."""
     if requested == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
     if requested not in DTYPES:
         raise UserError(f"unknown dtype '{requested}': use auto, {', '.join(DTYPES)}")
     return DTYPES[requested]
@@ -57,9 +58,25 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def needs_grad_scaler(dtype: torch.dtype) -> bool:
-    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and does not."""
-    return dtype == torch.float16
+def cpu_has_bf16_matmul() -> bool:
+    # torch exposes these checks only under private names; a torch without them gets fp32.
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def use_compile(requested: bool | None, device: torch.device) -> bool:
+    """torch.compile the model? None means where it pays: on CUDA GPUs."""
+    return device.type == "cuda" if requested is None else requested
+
+
+def configure_backends(device: torch.device) -> None:
+    """Process settings that make training faster: TF32 for fp32 matrix products on GPUs that
+    have it; on a CPU, an allocator that keeps freed memory for the next step."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu":
+        keep_freed_memory_mapped()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -27,9 +27,10 @@ from .model import GPT
 from .optim import build_optimizer, lr_at
 from .plot import plot_run
 from .runtime import (
-    StopRequests, autocast, dtype_name, keep_freed_memory_mapped, needs_grad_scaler, resolve_device, resolve_dtype,
-    restore_rng_state, rng_state, seed_everything,
+    StopRequests, configure_backends, dtype_name, resolve_device, resolve_dtype, restore_rng_state, rng_state,
+    seed_everything, use_compile,
 )
+from .step import PendingStep, Stepper
 
 # How a run ended (TrainResult.status).
 TARGET_REACHED = "target_reached"
@@ -130,44 +131,6 @@ class LossMonitor:
         self.recent = deque(state["recent"], maxlen=self.WINDOW)
 
 
-@dataclass
-class Trainee:
-    """What one training step reads and changes."""
-
-    model: GPT
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    dtype: torch.dtype
-
-
-def train_step(t: Trainee, x: torch.Tensor, y: torch.Tensor, lr: float, grad_clip: float) -> tuple[float, float, bool]:
-    """One optimizer step on a batch: (loss, gradient norm, whether the update was applied).
-
-    An update whose loss or gradient norm is not finite is not applied; with fp16 the GradScaler
-    skips it and lowers its scale.
-    """
-    for group in t.optimizer.param_groups:
-        group["lr"] = lr
-    with autocast(t.device, t.dtype):
-        _, loss = t.model(x, y)
-    t.scaler.scale(loss).backward()
-    t.scaler.unscale_(t.optimizer)
-    grads = [p.grad for p in t.model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads)
-    loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one sync
-    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-    if finite and grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(t.model.parameters(), grad_clip, grad_norm)
-    if t.scaler.is_enabled():
-        t.scaler.step(t.optimizer)  # skips the update itself when the gradients overflowed
-        t.scaler.update()
-    elif finite:
-        t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value, finite
-
-
 def _data_identity(corpus: Corpus, train_tokens: int) -> dict:
     return {"source": corpus.source, "text_sha256": corpus.text_sha256, "train_tokens": train_tokens}
 
@@ -201,21 +164,22 @@ def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, dict, list[str]] |
     return path, saved, changes
 
 
-def _restore(saved: dict, t: Trainee, sampler: RandomWindowSampler, monitor: LossMonitor, data: dict, path: Path) -> None:
+def _restore(saved: dict, stepper: Stepper, sampler: RandomWindowSampler, monitor: LossMonitor, data: dict,
+             path: Path) -> None:
     if saved["data"] != data:
         raise UserError(
             f"the training data differs from the one {path} was trained on ({saved['data']['source']}, "
             f"{saved['data']['train_tokens']:,} tokens): resume with the same data, or start a new run"
         )
     try:
-        t.model.load_state_dict(saved["model"])
+        stepper.model.load_state_dict(saved["model"])
         # Moments and step counts from the checkpoint; hyperparameters from this run's config.
-        t.optimizer.load_state_dict({"state": saved["optimizer"]["state"],
-                                     "param_groups": t.optimizer.state_dict()["param_groups"]})
+        stepper.optimizer.load_state_dict({"state": saved["optimizer"]["state"],
+                                           "param_groups": stepper.optimizer.state_dict()["param_groups"]})
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}): is it from another run?") from None
-    if t.scaler.is_enabled() and saved["scaler"]:
-        t.scaler.load_state_dict(saved["scaler"])
+    if stepper.loss_scaling and saved["scaler"]:
+        stepper.scaler.load_state_dict(saved["scaler"])
     sampler.load_state_dict(saved["sampler"])
     monitor.load_state_dict(saved["monitor"])
     restore_rng_state(saved["rng"])  # last: building the model above drew from the generators
@@ -271,8 +235,7 @@ class Trainer:
         check_writable_dir(self.final_path.parent, "final model")
         check_writable_dir(config.run_dir, "checkpoints")
         resume = _checkpoint_to_resume(config)
-        if self.device.type == "cpu":
-            keep_freed_memory_mapped()
+        configure_backends(self.device)
         seed_everything(config.seed)
 
         self.corpus = load_corpus(config.data)
@@ -285,13 +248,10 @@ class Trainer:
         if config.init_from and resume is None:  # a resumed run takes its weights from the checkpoint
             self.model.load_state_dict(read_hf_model(config.init_from)[1])
         self.model.to(self.device)
-        self.t = Trainee(
-            model=self.model,
-            optimizer=build_optimizer(self.model, config.lr, config.weight_decay),
-            scaler=torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.dtype)),
-            device=self.device,
-            dtype=self.dtype,
-        )
+        self.stepper = Stepper(self.model, build_optimizer(self.model, config.lr, config.weight_decay), self.device,
+                               self.dtype, config.grad_clip, compile=use_compile(config.compile, self.device))
+        # On a GPU the host reads each step's loss one step late, while the device runs the next one.
+        self.lag = 1 if self.device.type == "cuda" else 0
         self.monitor = LossMonitor()
         self.data = _data_identity(self.corpus, len(tokens))
         self.step = 0
@@ -300,7 +260,7 @@ class Trainer:
             log(line)
         if resume is not None:
             path, saved, changes = resume
-            _restore(saved, self.t, self.sampler, self.monitor, self.data, path)
+            _restore(saved, self.stepper, self.sampler, self.monitor, self.data, path)
             self.step = saved["step"]
             log(f"resumed from {path} at step {self.step:,} (best loss {self.monitor.best_loss:.6f})")
             for change in changes:
@@ -310,70 +270,112 @@ class Trainer:
         self.recorder = RunRecorder(config, resumed_step=self.step)
 
     def run(self) -> TrainResult:
+        """Step until the target, max_steps, too many bad steps or a stop signal."""
+        if self.config.checkpoint_interval:
+            self.log(f"checkpoints every {self.config.checkpoint_interval:,} steps, at the end and when stopped, "
+                     f"in {self._checkpoint_dir()}")
+        self.interval = self.config.checkpoint_interval
+        self.step_times: list[float] = []
+        self.first_step = self.step + 1
+        self.loop_started = self.last_finished = time.perf_counter()
+        self.rewind_to: dict | None = None
+        in_flight: PendingStep | None = None  # updated on the device, not yet read (lag 1)
+        with StopRequests() as self.stop:
+            while True:
+                next_step = (in_flight.step if in_flight else self.step) + 1
+                launched = self._launch(next_step) if next_step <= self.config.max_steps else None
+                if in_flight is not None:
+                    self.rewind_to = launched.position if launched else None
+                    ended = self._finish(in_flight)
+                    if ended is not None:
+                        self.stepper.discard()  # the launched step's gradients are never applied
+                        return ended
+                if launched is None:
+                    return self._out_of_steps()
+                launched.record(self.stepper.update(self._lr(launched.step), launched.loss))
+                in_flight = launched
+                if self.lag == 0:
+                    ended = self._finish(launched)
+                    if ended is not None:
+                        return ended
+                    in_flight = None
+
+    def _lr(self, step: int) -> float:
+        config = self.config
+        return lr_at(step - 1, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
+
+    def _launch(self, step: int) -> PendingStep:
+        """Queue a step's forward and backward pass."""
+        position = self._position() if self.lag else None
+        x, y = self.sampler.next_batch()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return PendingStep(step, self.stepper.forward_backward(x, y), position)
+
+    def _position(self) -> dict:
+        """Where the data and the random generators stand: what a checkpoint must hold to go on from here."""
+        return {"sampler": self.sampler.state_dict(), "rng": rng_state()}
+
+    def _finish(self, pending: PendingStep) -> TrainResult | None:
+        """Read a step's results; log, evaluate, check the target and signals. A result ends the run."""
         config, log = self.config, self.log
-        interval = config.checkpoint_interval
-        if interval:
-            log(f"checkpoints every {interval:,} steps, at the end and when stopped, in {self._checkpoint_dir()}")
-        step_times: list[float] = []
-        first_step = self.step + 1
-        loop_started = time.perf_counter()
-        estimated = False
-        with StopRequests() as stop:
-            while self.step < config.max_steps:
-                self.step += 1
-                step = self.step
-                started = time.perf_counter()
-                lr = lr_at(step - 1, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
-                x, y = self.sampler.next_batch()
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                loss, grad_norm, applied = train_step(self.t, x, y, lr, config.grad_clip)
-                seconds = time.perf_counter() - started
-                self.losses.append(loss)
-                events = self.monitor.observe(step, loss, grad_norm, applied)
-                val = self._evaluate() if config.eval_interval and step % config.eval_interval == 0 else None
-                if config.target_metric == "val":
-                    reached = val is not None and val.loss < config.target_loss
-                else:
-                    reached = loss < config.target_loss  # NaN never is
+        result = pending.result()
+        now = time.perf_counter()
+        seconds, self.last_finished = now - self.last_finished, now
+        step = self.step = pending.step
+        loss = result.loss
+        self.losses.append(loss)
+        events = self.monitor.observe(step, loss, result.grad_norm, result.applied)
+        val = self._evaluate() if config.eval_interval and step % config.eval_interval == 0 else None
+        if config.target_metric == "val":
+            reached = val is not None and val.loss < config.target_loss
+        else:
+            reached = loss < config.target_loss  # NaN never is
 
-                logged = step % config.log_interval == 0 or reached
-                if logged:
-                    log(format_step_line(step, loss, self.monitor.best_loss, seconds))
-                for event in events:
-                    log(event)
-                if val is not None:
-                    log(f"step {step} | val_loss: {val.loss:.4f} | val_perplexity: {val.perplexity:.2f} | "
-                        f"val_bits_per_byte: {val.bits_per_byte:.4f}")
-                if logged or val is not None:
-                    measured = {"val_loss": val.loss, "val_perplexity": val.perplexity,
-                                "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
-                    self.recorder.record(step, loss=loss, best_loss=self.monitor.best_loss, lr=lr, grad_norm=grad_norm,
-                                         tokens_per_s=config.tokens_per_step / seconds, step_time=seconds, **measured)
+        logged = step % config.log_interval == 0 or reached
+        if logged:
+            log(format_step_line(step, loss, self.monitor.best_loss, seconds))
+        for event in events:
+            log(event)
+        if val is not None:
+            log(f"step {step} | val_loss: {val.loss:.4f} | val_perplexity: {val.perplexity:.2f} | "
+                f"val_bits_per_byte: {val.bits_per_byte:.4f}")
+        if logged or val is not None:
+            measured = {"val_loss": val.loss, "val_perplexity": val.perplexity,
+                        "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
+            self.recorder.record(step, loss=loss, best_loss=self.monitor.best_loss, lr=self._lr(step),
+                                 grad_norm=result.grad_norm, tokens_per_s=config.tokens_per_step / seconds,
+                                 step_time=seconds, **measured)
+        self._estimate(step, seconds)
 
-                if step > first_step:
-                    step_times.append(seconds)
-                if (
-                    not estimated and step_times and step < config.max_steps
-                    and (len(step_times) >= ESTIMATE_STEPS or time.perf_counter() - loop_started > ESTIMATE_SECONDS)
-                ):
-                    per_step = statistics.median(step_times)
-                    log(_estimate_line(config, self.device, per_step, step))
-                    if not interval:
-                        interval = auto_checkpoint_interval(per_step)
-                        log(f"checkpoints every {interval:,} steps (about {format_duration(interval * per_step)}), "
-                            f"at the end and when stopped, in {self._checkpoint_dir()}")
-                    estimated = True
+        if reached:
+            return self._reached_target()
+        if self.monitor.bad_in_a_row >= config.max_bad_steps:
+            return self._diverged()
+        if self.stop.signal_number is not None:
+            return self._interrupted(self.stop.signal_number)
+        # Never during a run of bad steps: the last good checkpoint is the one to go back to.
+        if self.interval and step % self.interval == 0 and step < config.max_steps and self.monitor.bad_in_a_row == 0:
+            log(f"checkpoint saved: {self._checkpoint()}")
+        return None
 
-                if reached:
-                    return self._reached_target()
-                if self.monitor.bad_in_a_row >= config.max_bad_steps:
-                    return self._diverged()
-                if stop.signal_number is not None:
-                    return self._interrupted(stop.signal_number)
-                # Never during a run of bad steps: the last good checkpoint is the one to go back to.
-                if interval and step % interval == 0 and step < config.max_steps and self.monitor.bad_in_a_row == 0:
-                    log(f"checkpoint saved: {self._checkpoint()}")
-        return self._out_of_steps()
+    def _estimate(self, step: int, seconds: float) -> None:
+        """Once enough steps are timed: the time to max_steps, and the automatic checkpoint interval."""
+        if self.step_times is None:  # estimated already
+            return
+        if step > self.first_step:
+            self.step_times.append(seconds)
+        if (
+            not self.step_times or step >= self.config.max_steps
+            or (len(self.step_times) < ESTIMATE_STEPS and time.perf_counter() - self.loop_started < ESTIMATE_SECONDS)
+        ):
+            return
+        per_step = statistics.median(self.step_times)
+        self.log(_estimate_line(self.config, self.device, per_step, step))
+        if not self.interval:
+            self.interval = auto_checkpoint_interval(per_step)
+            self.log(f"checkpoints every {self.interval:,} steps (about {format_duration(self.interval * per_step)}), "
+                     f"at the end and when stopped, in {self._checkpoint_dir()}")
+        self.step_times = None  # estimated once
 
     def _evaluate(self) -> EvalResult | None:
         if len(self.corpus.val) < 2:
@@ -395,10 +397,9 @@ class Trainer:
             "lr": lr_at(self.step, config.lr, config.min_lr, config.warmup_steps, config.max_steps),
             "finished": finished,
             "model": self.model.state_dict(),
-            "optimizer": self.t.optimizer.state_dict(),
-            "scaler": self.t.scaler.state_dict(),
-            "rng": rng_state(),
-            "sampler": self.sampler.state_dict(),
+            "optimizer": self.stepper.optimizer.state_dict(),
+            "scaler": self.stepper.scaler.state_dict() if self.stepper.loss_scaling else {},
+            **(self.rewind_to or self._position()),  # the next step's batch may already be drawn (lag 1)
             "monitor": self.monitor.state_dict(),
             "data": self.data,
         }
