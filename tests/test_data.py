@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_TEXT
-from gpt2train import prepare
+from conftest import SMALL_TEXT, tiny_config
+from gpt2train import prepare, train
 from gpt2train.data import (
-    HEADER, RandomWindowSampler, load_corpus, read_tokens, shard_name, token_header,
+    HEADER, RandomWindowSampler, SequentialSampler, TokenSource, load_corpus, read_tokens, shard_name, token_header,
 )
 from gpt2train.errors import UserError
+from gpt2train.prefetch import Prefetcher
 from gpt2train.tokenizer import EOT_ID, get_tokenizer
 
 
@@ -137,13 +138,29 @@ def test_sampler_covers_the_last_token():
     assert x[0].tolist() == list(range(9)) and y[0].tolist() == list(range(1, 10))
 
 
-@pytest.mark.parametrize("sampler_class", [RandomWindowSampler])
+@pytest.mark.parametrize("sampler_class", [RandomWindowSampler, SequentialSampler])
 def test_sampler_rejects_data_shorter_than_a_window(sampler_class):
     with pytest.raises(UserError, match="fewer than seq_len"):
         sampler_class(np.arange(16, dtype=np.uint16), batch_size=1, seq_len=16, seed=0)
 
 
-@pytest.mark.parametrize("sampler_class", [RandomWindowSampler])
+def test_sequential_sampler_visits_every_token_once_per_epoch():
+    seq_len, windows = 8, 25
+    tokens = TokenSource([np.arange(100, dtype=np.uint16), np.arange(100, 201, dtype=np.uint16)])  # 2 shards
+    assert len(tokens) == seq_len * windows + 1
+    sampler = SequentialSampler(tokens, batch_size=3, seq_len=seq_len, seed=5)
+    seen = []
+    for _ in range(windows):  # 75 windows: three epochs, the batches running across their ends
+        x, y = sampler.next_batch()
+        assert y[:, :-1].equal(x[:, 1:]) and (y[:, -1] == x[:, -1] + 1).all()
+        seen += x.tolist()
+    epochs = [sorted(t for window in seen[e * windows : (e + 1) * windows] for t in window) for e in range(3)]
+    assert all(epoch == list(range(200)) for epoch in epochs)
+    starts = [[window[0] for window in seen[e * windows : (e + 1) * windows]] for e in range(3)]
+    assert starts[0] != sorted(starts[0]) and starts[0] != starts[1]  # shuffled, anew each epoch
+
+
+@pytest.mark.parametrize("sampler_class", [RandomWindowSampler, SequentialSampler])
 def test_ranks_split_the_global_batch(sampler_class):
     tokens = np.arange(500, dtype=np.uint16)
     single = sampler_class(tokens, batch_size=8, seq_len=10, seed=3)
@@ -154,7 +171,7 @@ def test_ranks_split_the_global_batch(sampler_class):
         assert torch.cat([p[0] for p in parts]).equal(x) and torch.cat([p[1] for p in parts]).equal(y)
 
 
-@pytest.mark.parametrize("sampler_class", [RandomWindowSampler])
+@pytest.mark.parametrize("sampler_class", [RandomWindowSampler, SequentialSampler])
 def test_sampler_state_survives_a_checkpoint_file(sampler_class, tmp_path):
     tokens = np.arange(300, dtype=np.uint16)
     sampler = sampler_class(tokens, batch_size=4, seq_len=16, seed=1)
@@ -165,6 +182,48 @@ def test_sampler_state_survives_a_checkpoint_file(sampler_class, tmp_path):
     restored = sampler_class(tokens, batch_size=4, seq_len=16, seed=1)
     restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["sampler"])
     assert all(restored.next_batch()[0].equal(x) for x in expected)
+
+
+def test_prefetcher_gives_the_same_batches_and_the_callers_position():
+    tokens = np.arange(400, dtype=np.uint16)
+    plain = SequentialSampler(tokens, batch_size=2, seq_len=8, seed=0)
+    ahead = Prefetcher(SequentialSampler(tokens, batch_size=2, seq_len=8, seed=0), depth=3, pin_memory=False)
+    states, batches = [], []
+    for _ in range(6):
+        assert ahead.state_dict() == plain.state_dict()  # though its thread has made more batches by now
+        states.append(plain.state_dict())
+        x, _ = plain.next_batch()
+        batches.append(x)
+        assert ahead.next_batch()[0].equal(x)
+    ahead.load_state_dict(states[2])  # rewind, as a resume does
+    assert all(ahead.next_batch()[0].equal(x) for x in batches[2:])
+    ahead.close()
+
+
+def test_prefetcher_raises_the_samplers_error():
+    class Broken:
+        def next_batch(self):
+            raise UserError("shard gone")
+
+        def state_dict(self):
+            return {}
+
+    with pytest.raises(UserError, match="shard gone"):
+        Prefetcher(Broken(), pin_memory=False).next_batch()
+
+
+def test_sequential_sampling_resumes_on_the_exact_next_batch(tmp_path, small_corpus):
+    def run(directory, **overrides):
+        # A constant learning rate, so that stopping at step 4 of 4 trains exactly as steps 1-4 of 8 do;
+        # short windows, so that the corpus holds several batches of them.
+        config = tiny_config(directory, small_corpus, sampling="sequential", seq_len=8, target_loss=0.0,
+                             warmup_steps=0, min_lr=1e-2, **overrides)
+        return train(config, log=lambda _: None)
+
+    whole = run(tmp_path / "whole", max_steps=8)
+    run(tmp_path / "parts", max_steps=4)
+    resumed = run(tmp_path / "parts", max_steps=8, resume="latest")
+    assert resumed.losses == whole.losses[4:]
 
 
 def test_prepared_text_decodes_back(sharded):

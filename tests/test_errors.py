@@ -74,6 +74,7 @@ CASES = {
     "not a data directory": (lambda w: [*TRAIN, "--data", w / "no_text_here"], "not a prepared data directory"),
     "shard missing": (lambda w: (w / "data" / shard_name("train", 0)).unlink() or [*TRAIN, "--data", w / "data"],
                       "cannot read token file"),
+    "unknown sampling": (lambda w: [*TRAIN, "--sampling", "shuffled"], "invalid choice: 'shuffled'"),
     "corpus shorter than a window": (lambda w: ["train", *TINY_FLAGS, "--block-size", "512", "--seq-len", "512",
                                                 "--data", w / "data"], "fewer than seq_len + 1"),
     # token files

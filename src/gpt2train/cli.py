@@ -14,6 +14,7 @@ import torch
 from .config import (
     FINAL_MODEL_FORMATS, MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, field_types, preset_config, resolve_config,
 )
+from .data import SAMPLERS
 from .errors import UserError
 from .prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare
 from .sources import DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, DIRECTORY_INCLUDE
@@ -61,6 +62,8 @@ def _add_typed_flag(group, name: str, type_: type, default, help: str) -> None:
         group.add_argument(_flag(name), dest=name, choices=list(PRESETS), default=None, help=help)
     elif name == "format":
         group.add_argument(_flag(name), dest=name, choices=FINAL_MODEL_FORMATS, default=None, help=help)
+    elif name == "sampling":
+        group.add_argument(_flag(name), dest=name, choices=list(SAMPLERS), default=None, help=help)
     elif name == "resume":
         group.add_argument(_flag(name), dest=name, nargs="?", const="latest", default=None, metavar="PATH",
                            help="continue a run from its newest checkpoint in --run-dir, or from PATH "

@@ -20,6 +20,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -198,6 +199,12 @@ def load_corpus(data_dir: str = "") -> Corpus:
     return Corpus(train, val, str(Path(data_dir)), str(manifest.get("text_sha256", "")))
 
 
+class Sampler(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class _WindowSampler:
     """What both samplers share: the tokens, the batch shape, and this rank's share of each batch.
 
@@ -247,3 +254,48 @@ class RandomWindowSampler(_WindowSampler):
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+class SequentialSampler(_WindowSampler):
+    """Every non-overlapping window of seq_len input tokens once per epoch, in a shuffled order.
+
+    Window i holds inputs tokens[i * seq_len : (i + 1) * seq_len] and targets one token later; the
+    last (len - 1) % seq_len tokens fill no window. Epoch e visits the windows in the order of a
+    permutation seeded by (seed, e), and the batches run on into the next epoch without a break.
+    Its position is (epoch, windows of the epoch already handed out).
+    """
+
+    def __init__(self, tokens: TokenSource | np.ndarray, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(tokens, batch_size, seq_len, seed, rank, world_size)
+        self.windows = (len(self.tokens) - 1) // seq_len
+        self.epoch = 0
+        self.position = 0
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = []
+        wanted = self.batch_size * self.world_size
+        while wanted:
+            if self.position == self.windows:
+                self.epoch, self.position = self.epoch + 1, 0
+            taken = self._order_of(self.epoch)[self.position : self.position + wanted]
+            chosen.append(taken)
+            self.position += len(taken)
+            wanted -= len(taken)
+        return self._batch(np.concatenate(chosen) * self.seq_len)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+SAMPLERS = {"random": RandomWindowSampler, "sequential": SequentialSampler}

@@ -16,12 +16,13 @@ from .checkpoint import (
     delete_checkpoints, find_checkpoint, latest_checkpoint, read_checkpoint, run_dir_of, save_checkpoint,
 )
 from .config import TrainConfig, resume_changes
-from .data import Corpus, RandomWindowSampler, load_corpus
+from .data import SAMPLERS, Corpus, Sampler, load_corpus
 from .errors import UserError
 from .files import check_writable_dir
 from .final_model import final_model_path, save_final_model
 from .model import GPT
 from .optim import build_optimizer, lr_at
+from .prefetch import Prefetcher
 from .runtime import (
     StopRequests, autocast, dtype_name, keep_freed_memory_mapped, needs_grad_scaler, resolve_device, resolve_dtype,
     restore_rng_state, rng_state, seed_everything,
@@ -192,7 +193,7 @@ def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, dict, list[str]] |
     return path, saved, changes
 
 
-def _restore(saved: dict, t: Trainee, sampler: RandomWindowSampler, monitor: LossMonitor, data: dict, path: Path) -> None:
+def _restore(saved: dict, t: Trainee, sampler: Sampler, monitor: LossMonitor, data: dict, path: Path) -> None:
     if saved["data"] != data:
         raise UserError(
             f"the training data differs from the one {path} was trained on ({saved['data']['source']}, "
@@ -260,7 +261,9 @@ def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
 
     corpus = load_corpus(config.data)
     tokens = corpus.train[: config.train_tokens] if config.train_tokens else corpus.train
-    sampler = RandomWindowSampler(tokens, config.batch_size, config.seq_len, seed=config.seed)
+    sampler: Sampler = SAMPLERS[config.sampling](tokens, config.batch_size, config.seq_len, seed=config.seed)
+    if device.type == "cuda":
+        sampler = Prefetcher(sampler)
     model = GPT(config.model).to(device)
     t = Trainee(
         model=model,
