@@ -21,7 +21,7 @@ TINY_FLAGS = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", 
 
 
 def prepare_small_corpus(directory: Path) -> Path:
-    from gpt2train.data import prepare
+    from gpt2train import prepare
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "corpus.txt").write_text(SMALL_TEXT * 3)

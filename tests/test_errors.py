@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_FLAGS, cli, snapshot, tiny_config
 from gpt2train import GPT, GPTConfig, train
-from gpt2train.data import HEADER
+from gpt2train.data import HEADER, shard_name
 from gpt2train.final_model import save_final_model
 
 
@@ -38,7 +38,7 @@ def damage(path, change) -> None:
 
 
 def damage_token_file(work, change) -> None:
-    damage(work / "data" / "train.bin", change)
+    damage(work / "data" / shard_name("train", 0), change)
 
 
 def write(path, text) -> None:
@@ -56,9 +56,17 @@ CASES = {
     "missing input file": (lambda w: ["prepare", w / "nope.txt", "--out", w / "new"], "does not exist"),
     "empty input file": (lambda w: ["prepare", w / "empty.txt", "--out", w / "new"], "holds no text"),
     "not UTF-8": (lambda w: ["prepare", w / "latin1.txt", "--out", w / "new"], "is not UTF-8 text"),
-    "directory without text": (lambda w: ["prepare", w / "no_text_here", "--out", w / "new"], "holds no .txt files"),
+    "directory without text": (lambda w: ["prepare", w / "no_text_here", "--out", w / "new"], "holds no files matching"),
+    "prepare over prepared data": (lambda w: ["prepare", w / "empty.txt", "--out", w / "data"], "already holds prepared data"),
+    "JSON line without the text field": (lambda w: write(w / "d.jsonl", '{"body": "words"}\n')
+                                         or ["prepare", w / "d.jsonl", "--out", w / "new"], "line 1 has no 'text' field"),
+    "damaged gzip file": (lambda w: write(w / "d.txt.gz", "not gzip at all")
+                          or ["prepare", w / "d.txt.gz", "--out", w / "new"], "is not a valid gz file"),
     "missing data directory": (lambda w: [*TRAIN, "--data", w / "nowhere"], "does not exist"),
     "not a data directory": (lambda w: [*TRAIN, "--data", w / "no_text_here"], "not a prepared data directory"),
+    "shard missing": (lambda w: (w / "data" / shard_name("train", 0)).unlink() or [*TRAIN, "--data", w / "data"],
+                      "cannot read token file"),
+    "unknown sampling": (lambda w: [*TRAIN, "--sampling", "shuffled"], "invalid choice: 'shuffled'"),
     "corpus shorter than a window": (lambda w: ["train", *TINY_FLAGS, "--block-size", "512", "--seq-len", "512",
                                                 "--data", w / "data"], "fewer than seq_len + 1"),
     # token files
@@ -128,7 +136,7 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(case, work, capsys):
 
 
 def test_debug_shows_the_traceback(work, capsys):
-    code, _, err = cli(capsys, "prepare", work / "nope.txt", "--debug")
+    code, _, err = cli(capsys, "prepare", work / "nope.txt", "--out", work / "new", "--debug")
     assert code == 2 and "Traceback" in err and "does not exist" in err.splitlines()[-1]
 
 

@@ -117,10 +117,10 @@ def test_resume_refuses_another_model_shape_or_data_and_reports_safe_changes(tmp
 def test_resume_refuses_data_that_changed_on_disk(tmp_path):
     data = prepare_small_corpus(tmp_path / "corpus")
     quiet(tiny_config(tmp_path, data, max_steps=6, target_loss=0.0))
-    from gpt2train.data import prepare
+    from gpt2train import prepare
 
     (tmp_path / "corpus" / "corpus.txt").write_text("Completely different words now. " * 40)
-    prepare([str(tmp_path / "corpus" / "corpus.txt")], data)
+    prepare([str(tmp_path / "corpus" / "corpus.txt")], data, overwrite=True)
     with pytest.raises(UserError, match="training data differs"):
         quiet(tiny_config(tmp_path, data, max_steps=12, target_loss=0.0, resume="latest"))
 

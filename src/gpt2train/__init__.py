@@ -1,9 +1,9 @@
 """gpt2train: train GPT-2 from text to a saved model."""
 
 from .config import TrainConfig, resolve_config
-from .data import prepare
 from .final_model import load_model
 from .model import GPT, GPTConfig
+from .prepare import prepare
 from .sample import generate
 from .tokenizer import get_tokenizer
 from .train import train

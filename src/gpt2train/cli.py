@@ -7,16 +7,19 @@ import codecs
 import signal
 import sys
 import traceback
-from pathlib import Path
 from dataclasses import MISSING
+from pathlib import Path
 
 import torch
 
+from .bench import VARIANTS
 from .config import (
     FINAL_MODEL_FORMATS, MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, base_type, field_types, preset_config, resolve_config,
 )
-from .bench import VARIANTS
+from .data import SAMPLERS
 from .errors import UserError
+from .prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare, tokenize_inputs
+from .sources import DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, DIRECTORY_INCLUDE
 
 # Exit statuses: 0 done (target reached), 1 a crash (a bug), and these; an interrupted run exits
 # with 128 + the signal number, as shells report.
@@ -63,6 +66,8 @@ def _add_typed_flag(group, name: str, type_: type, default, help: str) -> None:
         group.add_argument(_flag(name), dest=name, choices=list(PRESETS), default=None, help=help)
     elif name == "format":
         group.add_argument(_flag(name), dest=name, choices=FINAL_MODEL_FORMATS, default=None, help=help)
+    elif name == "sampling":
+        group.add_argument(_flag(name), dest=name, choices=list(SAMPLERS), default=None, help=help)
     elif name == "resume":
         group.add_argument(_flag(name), dest=name, nargs="?", const="latest", default=None, metavar="PATH",
                            help="continue a run from its newest checkpoint in --run-dir, or from PATH "
@@ -82,13 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", parents=[common], help="tokenize text into token files",
-                       description="Tokenize text files, directories (*.txt, recursive) or globs; "
-                                   "with no inputs, the built-in corpus.")
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories or glob patterns")
+    p = sub.add_parser("prepare", parents=[common], help="tokenize text into token shards",
+                       description="Tokenize text, JSON-lines or Parquet files (plain, .gz or .zst), directories, "
+                                   "globs, URLs or Hugging Face datasets into token shards; with no inputs, the "
+                                   "built-in corpus.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="a file, directory or glob; an http(s) URL (add #sha256=HEX to verify it); "
+                        "hf:DATASET or hf:DATASET:CONFIG (a Hub name or a local dataset directory)")
     p.add_argument("--out", default="data", metavar="DIR", help="output directory (default: 'data')")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                   help="share of documents held out for validation (default: 0.1)")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, metavar="F",
+                   help=f"share of the text, as whole documents, held out for validation (default: {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="tokenizer threads (default: 0, every core)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                   help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS:,})")
+    p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
+                   help=f"the field that holds the text in JSON lines, Parquet and datasets (default: '{DEFAULT_TEXT_FIELD}')")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help=f"in directories, read the files matching GLOB; repeatable (default: {' '.join(DIRECTORY_INCLUDE)})")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="in directories, skip the files matching GLOB; repeatable")
+    p.add_argument("--split", default=DEFAULT_HF_SPLIT, metavar="NAME",
+                   help=f"split of hf: datasets to read (default: '{DEFAULT_HF_SPLIT}')")
+    p.add_argument("--cache-dir", metavar="DIR", help="where URLs are downloaded (default: OUT/downloads)")
+    p.add_argument("--overwrite", action="store_true", help="replace the prepared data already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress line (it is shown only on a terminal anyway)")
     p.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("train", parents=[common], help="train until the target loss, then save the final model",
@@ -165,13 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare
-
-    meta = prepare(args.inputs, args.out, val_fraction=args.val_fraction)
-    splits = meta["splits"]
+    manifest = prepare(args.inputs, args.out, val_fraction=args.val_fraction, workers=args.workers,
+                       shard_tokens=args.shard_tokens, text_field=args.text_field, include=args.include,
+                       exclude=args.exclude, hf_split=args.split, cache_dir=args.cache_dir,
+                       overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty())
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     print(
-        f"Prepared {meta['documents']:,} documents from {', '.join(meta['sources'])}: "
-        f"{splits['train']['tokens']:,} train tokens, {splits['val']['tokens']:,} val tokens in {args.out}"
+        f"Prepared {manifest['documents']:,} documents from {', '.join(manifest['sources'])}: "
+        f"{train['tokens']:,} train tokens in {len(train['shards'])} shard(s), "
+        f"{val['tokens']:,} val tokens in {len(val['shards'])} shard(s), in {args.out}"
     )
     return 0
 
@@ -232,7 +256,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import load_corpus, read_documents, tokenize
+    from .data import load_corpus
     from .evaluate import evaluate
     from .final_model import load_model
     from .runtime import resolve_device, resolve_dtype
@@ -248,7 +272,7 @@ def cmd_eval(args) -> int:
     if seq_len > model.config.block_size:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size} tokens")
     if args.inputs:
-        tokens, source = tokenize(read_documents(args.inputs)), ", ".join(args.inputs)
+        tokens, source = tokenize_inputs(args.inputs), ", ".join(args.inputs)
     else:
         corpus = load_corpus(args.data or "")
         tokens, source = corpus.val, f"{corpus.source} (validation split)"

@@ -11,6 +11,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .data import SAMPLERS
 from .errors import UserError
 from .hf import read_hf_config
 from .model import GPTConfig
@@ -44,6 +45,8 @@ class TrainConfig:
                               "sets the model's shape; empty: random weights", RUN)
     data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus", DATA)
     train_tokens: int = _opt(0, "train on the first N tokens of the training split only; 0: all", DATA)
+    sampling: str = _opt("random", "how training windows are drawn: random (anywhere, the seed's) or sequential "
+                         "(every token once per epoch, in a shuffled order)", DATA)
     out_dir: str = _opt("saved_models", "where the final model is written", DATA)
     format: str = _opt("pt", "final model file format: pt (torch.save, the seed's) or safetensors", DATA)
     batch_size: int = _opt(8, "sequences per step", OPTIMIZATION)
@@ -258,6 +261,7 @@ def validate(config: TrainConfig) -> None:
         (config.grad_clip >= 0, "grad_clip must not be negative (0 turns clipping off)"),
         (config.log_interval > 0, "log_interval must be positive"),
         (config.train_tokens >= 0, "train_tokens must not be negative (0 uses all)"),
+        (config.sampling in SAMPLERS, f"sampling must be one of {', '.join(SAMPLERS)}, not '{config.sampling}'"),
         (config.format in FINAL_MODEL_FORMATS, f"format must be one of {', '.join(FINAL_MODEL_FORMATS)}, not '{config.format}'"),
         (config.checkpoint_interval >= 0, "checkpoint_interval must not be negative (0 picks one from the step time)"),
         (config.keep_checkpoints > 0, "keep_checkpoints must be at least 1"),
@@ -275,7 +279,7 @@ def validate(config: TrainConfig) -> None:
 # What a resumed run may not change: the model's shape and the data it sees. Everything else
 # (max_steps, target_loss, log_interval, lr, ...) may be changed and is reported.
 RESUME_LOCKED_KEYS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
-                      "data", "train_tokens", "batch_size", "seq_len", "seed", "init_from")
+                      "data", "train_tokens", "sampling", "batch_size", "seq_len", "seed", "init_from")
 # Keys that say how to start rather than what the run is: never compared.
 RESUME_IGNORED_KEYS = ("resume", "overwrite")
 

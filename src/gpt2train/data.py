@@ -1,6 +1,8 @@
-"""Text to token files (prepare), token files back to arrays, and the training-batch sampler.
+"""Token shards and the manifest that lists them, read back as one token sequence, and the samplers
+that cut it into training batches.
 
-Token file layout (little-endian), followed by the ids themselves:
+A prepared directory holds manifest.json and, per split, shards named train_000000.bin,
+val_000000.bin, ... Each shard is a token file: a 64-byte little-endian header, then the ids.
 
     offset  size  field
     0       8     magic b"GPT2TOK\\0"
@@ -10,145 +12,39 @@ Token file layout (little-endian), followed by the ids themselves:
     20      4     reserved (0)
     24      8     token count (uint64)
     32      32    reserved (zeros), so the ids start 64-byte aligned
-
-A prepared directory holds train.bin, val.bin and meta.json (tokenizer, counts, sources, hash).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from .errors import UserError
-from .files import atomic_write
-from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE, TOKENIZER_NAME, get_tokenizer
+from .tokenizer import GPT2_VOCAB_SIZE, TOKENIZER_NAME
 
 MAGIC = b"GPT2TOK\0"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIIIQ32x")  # 64 bytes
 TOKEN_DTYPE = np.dtype("<u2")
-META_FILE = "meta.json"
-SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
-BUILTIN_NAME = "builtin:pydoc_data.topics"
-DEFAULT_VAL_FRACTION = 0.1
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "gpt2train-shards"
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val")
+LEGACY_FILES = ("meta.json", "train.bin", "val.bin")  # the single-file layout of gpt2train 0.1
 
 
-@dataclass
-class Document:
-    name: str
-    text: str
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
 
 
-def builtin_documents() -> list[Document]:
-    """The Python documentation topics every CPython ships: ~465 KB of English, ~139K tokens."""
-    from pydoc_data.topics import topics
-
-    return [Document(f"pydoc_data.topics:{key}", topics[key]) for key in sorted(topics)]
-
-
-def _expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, directories searched recursively for *.txt, globs expanded; in order."""
-    paths: list[Path] = []
-    for item in inputs:
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise UserError(f"no files match '{item}': check the pattern")
-            paths.extend(Path(m) for m in matches if Path(m).is_file())
-        elif Path(item).is_dir():
-            found = sorted(p for p in Path(item).rglob("*.txt") if p.is_file())
-            if not found:
-                raise UserError(f"directory {item} holds no .txt files: point at text files")
-            paths.extend(found)
-        elif Path(item).is_file():
-            paths.append(Path(item))
-        else:
-            raise UserError(f"input {item} does not exist: give text files, directories or globs")
-    return paths
-
-
-def read_documents(inputs: list[str]) -> list[Document]:
-    """One document per input file, read as UTF-8."""
-    documents = []
-    for path in _expand_inputs(inputs):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text: convert it or leave it out") from None
-        except OSError as e:
-            raise UserError(f"cannot read {path}: {e.strerror}") from None
-        documents.append(Document(str(path), text))
-    return documents
-
-
-def corpus_sha256(documents: list[Document]) -> str:
-    digest = hashlib.sha256()
-    for doc in documents:
-        digest.update(doc.text.encode("utf-8"))
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def split_documents(documents: list[Document], val_fraction: float) -> tuple[list, list]:
-    """Hold out whole documents for validation, about val_fraction of the text, deterministically.
-
-    Walking in order, a document goes to validation when the held-out share of the text seen so
-    far stays within val_fraction with it; so the split depends only on the documents' order and
-    sizes, and is the same on every run.
-    """
-    train, val = [], []
-    seen = held_out = 0
-    for doc in documents:
-        seen += len(doc.text)
-        if held_out + len(doc.text) <= val_fraction * seen:
-            held_out += len(doc.text)
-            val.append(doc)
-        else:
-            train.append(doc)
-    return train, val
-
-
-def tokenize(documents: list[Document]) -> np.ndarray:
-    """Each document's tokens followed by <|endoftext|>, as one uint16 array."""
-    enc = get_tokenizer()
-    ids = enc.encode_ordinary_batch([doc.text for doc in documents])
-    out = np.empty(sum(len(x) + 1 for x in ids), dtype=TOKEN_DTYPE)
-    pos = 0
-    for doc_ids in ids:
-        out[pos : pos + len(doc_ids)] = doc_ids
-        out[pos + len(doc_ids)] = EOT_ID
-        pos += len(doc_ids) + 1
-    return out
-
-
-def tokenize_splits(documents: list[Document], val_fraction: float = DEFAULT_VAL_FRACTION):
-    """(train_ids, val_ids). A single document is split by tokens instead: its tail is val."""
-    if not any(doc.text.strip() for doc in documents):
-        raise UserError("the input holds no text: give non-empty text files")
-    documents = [doc for doc in documents if doc.text]
-    train_docs, val_docs = split_documents(documents, val_fraction)
-    if train_docs and val_docs:
-        return tokenize(train_docs), tokenize(val_docs)
-    ids = tokenize(documents)
-    cut = len(ids) - max(1, int(len(ids) * val_fraction)) if val_fraction > 0 else len(ids)
-    return ids[:cut], ids[cut:]
-
-
-def write_tokens(path: str | Path, ids: np.ndarray) -> None:
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, TOKEN_DTYPE.itemsize, GPT2_VOCAB_SIZE, 0, len(ids))
-
-    def write(f):
-        f.write(header)
-        f.write(np.ascontiguousarray(ids, dtype=TOKEN_DTYPE).tobytes())
-
-    atomic_write(path, write)
+def token_header(count: int) -> bytes:
+    return HEADER.pack(MAGIC, FORMAT_VERSION, TOKEN_DTYPE.itemsize, GPT2_VOCAB_SIZE, 0, count)
 
 
 def read_tokens(path: str | Path) -> np.ndarray:
@@ -184,41 +80,110 @@ def read_tokens(path: str | Path) -> np.ndarray:
     return ids
 
 
-def prepare(inputs: list[str], out_dir: str | Path, val_fraction: float = DEFAULT_VAL_FRACTION) -> dict:
-    """Tokenize text files (or, with no inputs, the built-in corpus) into `out_dir`.
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a prepared directory, checked for the fields the loader relies on."""
+    path = Path(data_dir)
+    fix = f"run `gpt2train prepare ... --out {path}`"
+    if not path.is_dir():
+        raise UserError(f"data directory {path} does not exist: {fix}")
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if (path / LEGACY_FILES[0]).exists():
+            raise UserError(f"{path} was prepared by an older gpt2train (meta.json, no {MANIFEST_FILE}): "
+                            f"prepare it again with --overwrite") from None
+        raise UserError(f"{path} is not a prepared data directory (no {MANIFEST_FILE}): {fix}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path / MANIFEST_FILE} ({e}): {fix}") from None
+    problem = None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        problem = f"not a {MANIFEST_FORMAT} manifest"
+    elif manifest.get("format_version") != MANIFEST_VERSION:
+        problem = f"format version {manifest.get('format_version')}, this gpt2train reads {MANIFEST_VERSION}"
+    elif manifest.get("tokenizer") != TOKENIZER_NAME:
+        problem = f"tokenizer {manifest.get('tokenizer')!r}, not {TOKENIZER_NAME!r}"
+    else:
+        for split in SPLITS:
+            shards = manifest.get("splits", {}).get(split, {}).get("shards")
+            if not isinstance(shards, list) or not all(_is_shard_entry(s) for s in shards):
+                problem = f"no valid shard list for the {split} split"
+                break
+    if problem:
+        raise UserError(f"{path / MANIFEST_FILE} is damaged or foreign ({problem}): {fix} --overwrite")
+    return manifest
 
-    Returns the manifest written to meta.json.
+
+def _is_shard_entry(entry) -> bool:
+    # A plain file name: a manifest never points outside its own directory.
+    return (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("tokens"), int)
+            and Path(entry["file"]).name == entry["file"] and entry["file"] not in ("", ".", ".."))
+
+
+def read_split(data_dir: str | Path, manifest: dict, split: str) -> TokenSource:
+    """A split's shards by memory map, each checked against its header and the manifest's count."""
+    parts = []
+    for entry in manifest["splits"][split]["shards"]:
+        path = Path(data_dir) / entry["file"]
+        ids = read_tokens(path)
+        if len(ids) != entry["tokens"]:
+            raise UserError(f"token file {path} holds {len(ids):,} tokens but {MANIFEST_FILE} lists "
+                            f"{entry['tokens']:,}: re-create the directory with `gpt2train prepare --overwrite`")
+        parts.append(ids)
+    return TokenSource(parts)
+
+
+class TokenSource:
+    """Token ids kept in consecutive arrays (memory-mapped shards), used like one array.
+
+    len() counts them all; an int index gives one token; a slice (without a step) gives a view that
+    reads nothing until it is used; np.asarray() reads all of it.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val fraction must be in [0, 1), got {val_fraction}")
-    documents = read_documents(inputs) if inputs else builtin_documents()
-    train_ids, val_ids = tokenize_splits(documents, val_fraction)
-    out_dir = Path(out_dir)
-    write_tokens(out_dir / SPLIT_FILES["train"], train_ids)
-    write_tokens(out_dir / SPLIT_FILES["val"], val_ids)
-    meta = {
-        "format": "gpt2train-tokens",
-        "format_version": FORMAT_VERSION,
-        "tokenizer": TOKENIZER_NAME,
-        "vocab_size": GPT2_VOCAB_SIZE,
-        "dtype": "uint16",
-        "splits": {
-            name: {"file": SPLIT_FILES[name], "tokens": int(len(ids))}
-            for name, ids in (("train", train_ids), ("val", val_ids))
-        },
-        "val_fraction": val_fraction,
-        "documents": len(documents),
-        "sources": [str(s) for s in inputs] if inputs else [BUILTIN_NAME],
-        "text_sha256": corpus_sha256(documents),
-    }
-    atomic_write(out_dir / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
-    return meta
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = [p for p in parts if len(p)]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])  # starts[-1] is the total
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int | slice) -> TokenSource | int:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("a TokenSource slice takes no step")
+            return TokenSource(self._views(start, max(stop - start, 0)))
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError(f"token {index} of {len(self)}")
+        return int(self.read(position, 1)[0])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        ids = self.read(0, len(self))
+        return ids if dtype is None else ids.astype(dtype)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start + length] as one array, across shard boundaries."""
+        views = self._views(start, length)
+        if len(views) == 1:
+            return views[0]
+        return np.concatenate(views) if views else np.empty(0, dtype=TOKEN_DTYPE)
+
+    def _views(self, start: int, length: int) -> list[np.ndarray]:
+        """The pieces of the parts that hold tokens[start : start + length], without copying."""
+        views = []
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        offset = start - int(self.starts[i]) if i < len(self.parts) else 0
+        while length > 0 and i < len(self.parts):
+            views.append(self.parts[i][offset : offset + length])
+            length -= len(views[-1])
+            i, offset = i + 1, 0
+        return views
 
 
 @dataclass
 class Corpus:
-    train: np.ndarray
-    val: np.ndarray
+    train: TokenSource
+    val: TokenSource
     source: str
     text_sha256: str  # identifies the text, so a resumed run can tell that its data changed
 
@@ -226,48 +191,111 @@ class Corpus:
 def load_corpus(data_dir: str = "") -> Corpus:
     """A prepared directory's splits by memory map, or the built-in corpus tokenized in memory."""
     if not data_dir:
-        documents = builtin_documents()
-        train, val = tokenize_splits(documents)
-        return Corpus(train, val, BUILTIN_NAME, corpus_sha256(documents))
-    path = Path(data_dir)
-    fix = f"run `gpt2train prepare ... --out {path}`"
-    if not path.is_dir():
-        raise UserError(f"data directory {path} does not exist: {fix}")
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is not a prepared data directory (no {META_FILE}): {fix}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path / META_FILE} ({e}): {fix}") from None
-    train, val = read_tokens(path / SPLIT_FILES["train"]), read_tokens(path / SPLIT_FILES["val"])
-    return Corpus(train, val, str(path), str(meta.get("text_sha256", "")))
+        from .prepare import tokenize_builtin  # prepare writes this module's format: import it late
+
+        return tokenize_builtin()
+    manifest = read_manifest(data_dir)
+    train, val = (read_split(data_dir, manifest, split) for split in SPLITS)
+    return Corpus(train, val, str(Path(data_dir)), str(manifest.get("text_sha256", "")))
 
 
-class RandomWindowSampler:
-    """Batches of random windows of seq_len + 1 tokens: inputs and next-token targets.
+class Sampler(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
 
-    Deterministic for a given seed; its position is its generator state (`state_dict`).
+
+class _WindowSampler:
+    """What both samplers share: the tokens, the batch shape, and this rank's share of each batch.
+
+    Each step the sampler picks the windows of all ranks together, batch_size x world_size of them,
+    and rank r takes the r-th slice: any split of the same global batch over ranks sees the same
+    windows, and no two ranks the same ones.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
-        if len(tokens) < seq_len + 1:
+    def __init__(self, tokens: TokenSource | np.ndarray, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens = tokens if isinstance(tokens, TokenSource) else TokenSource([tokens])
+        if len(self.tokens) < seq_len + 1:
             raise UserError(
-                f"the training data has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
+                f"the training data has {len(self.tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
                 f"use more text or a smaller --seq-len"
             )
-        self.tokens = tokens
         self.batch_size = batch_size
         self.seq_len = seq_len
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def _batch(self, global_starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's windows of seq_len + 1 tokens: (inputs, next-token targets)."""
+        starts = global_starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        windows = np.stack([self.tokens.read(int(s), self.seq_len + 1) for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(windows)
+        return batch[:, :-1], batch[:, 1:]
+
+
+class RandomWindowSampler(_WindowSampler):
+    """Batches of windows that start anywhere, drawn by a generator seeded with `seed`.
+
+    Its position is the generator's state (`state_dict`).
+    """
+
+    def __init__(self, tokens: TokenSource | np.ndarray, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(tokens, batch_size, seq_len, seed, rank, world_size)
         self.rng = np.random.default_rng(seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self.rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-        windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        batch = torch.from_numpy(windows)
-        return batch[:, :-1], batch[:, 1:]
+        return self._batch(self.rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size * self.world_size))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+class SequentialSampler(_WindowSampler):
+    """Every non-overlapping window of seq_len input tokens once per epoch, in a shuffled order.
+
+    Window i holds inputs tokens[i * seq_len : (i + 1) * seq_len] and targets one token later; the
+    last (len - 1) % seq_len tokens fill no window. Epoch e visits the windows in the order of a
+    permutation seeded by (seed, e), and the batches run on into the next epoch without a break.
+    Its position is (epoch, windows of the epoch already handed out).
+    """
+
+    def __init__(self, tokens: TokenSource | np.ndarray, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(tokens, batch_size, seq_len, seed, rank, world_size)
+        self.windows = (len(self.tokens) - 1) // seq_len
+        self.epoch = 0
+        self.position = 0
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = []
+        wanted = self.batch_size * self.world_size
+        while wanted:
+            if self.position == self.windows:
+                self.epoch, self.position = self.epoch + 1, 0
+            taken = self._order_of(self.epoch)[self.position : self.position + wanted]
+            chosen.append(taken)
+            self.position += len(taken)
+            wanted -= len(taken)
+        return self._batch(np.concatenate(chosen) * self.seq_len)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+SAMPLERS = {"random": RandomWindowSampler, "sequential": SequentialSampler}

@@ -16,7 +16,7 @@ from .checkpoint import (
     delete_checkpoints, find_checkpoint, latest_checkpoint, read_checkpoint, run_dir_of, save_checkpoint,
 )
 from .config import TrainConfig, resume_changes
-from .data import Corpus, RandomWindowSampler, load_corpus
+from .data import SAMPLERS, Corpus, Sampler, load_corpus
 from .errors import UserError
 from .evaluate import EvalResult, evaluate
 from .files import check_writable_dir
@@ -26,6 +26,7 @@ from .metrics import RunRecorder
 from .model import GPT
 from .optim import build_optimizer, lr_at
 from .plot import plot_run
+from .prefetch import Prefetcher
 from .runtime import (
     StopRequests, configure_backends, dtype_name, resolve_device, resolve_dtype, restore_rng_state, rng_state,
     seed_everything, use_compile,
@@ -164,8 +165,7 @@ def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, dict, list[str]] |
     return path, saved, changes
 
 
-def _restore(saved: dict, stepper: Stepper, sampler: RandomWindowSampler, monitor: LossMonitor, data: dict,
-             path: Path) -> None:
+def _restore(saved: dict, stepper: Stepper, sampler: Sampler, monitor: LossMonitor, data: dict, path: Path) -> None:
     if saved["data"] != data:
         raise UserError(
             f"the training data differs from the one {path} was trained on ({saved['data']['source']}, "
@@ -243,7 +243,9 @@ class Trainer:
             raise UserError(f"--target-metric val needs a validation split, and {self.corpus.source} has none: "
                             "prepare the data with a --val-fraction above 0")
         tokens = self.corpus.train[: config.train_tokens] if config.train_tokens else self.corpus.train
-        self.sampler = RandomWindowSampler(tokens, config.batch_size, config.seq_len, seed=config.seed)
+        self.sampler: Sampler = SAMPLERS[config.sampling](tokens, config.batch_size, config.seq_len, seed=config.seed)
+        if self.device.type == "cuda":
+            self.sampler = Prefetcher(self.sampler)
         self.model = GPT(config.model)
         if config.init_from and resume is None:  # a resumed run takes its weights from the checkpoint
             self.model.load_state_dict(read_hf_model(config.init_from)[1])

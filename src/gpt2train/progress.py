@@ -1,0 +1,46 @@
+"""One status line on stderr, redrawn in place, for long steps such as prepare and downloads."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .train import format_duration
+
+
+class Progress:
+    """Redraws `label: detail | MB | MB/s | ETA` at most twice a second; does nothing unless enabled.
+
+    The speed is of the bytes processed; the ETA compares the input bytes consumed with
+    `total_bytes` (unknown for a streamed dataset: no ETA).
+    """
+
+    INTERVAL = 0.5
+
+    def __init__(self, label: str, total_bytes: int | None, enabled: bool):
+        self.label = label
+        self.total_bytes = total_bytes
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.drawn_at = 0.0
+        self.width = 0
+
+    def update(self, detail: str, done_bytes: int, input_bytes: int | None = None, force: bool = False) -> None:
+        """`done_bytes` processed so far; `input_bytes` of the input consumed (default: the same)."""
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.drawn_at < self.INTERVAL):
+            return
+        self.drawn_at = now
+        elapsed = max(now - self.started, 1e-9)
+        line = f"{self.label}: {detail + ' | ' if detail else ''}{done_bytes / 1e6:,.1f} MB | {done_bytes / 1e6 / elapsed:.1f} MB/s"
+        consumed = done_bytes if input_bytes is None else input_bytes
+        if self.total_bytes and consumed:
+            line += f" | ETA {format_duration(elapsed * max(self.total_bytes - consumed, 0) / consumed)}"
+        sys.stderr.write("\r" + line.ljust(self.width))
+        sys.stderr.flush()
+        self.width = len(line)
+
+    def close(self) -> None:
+        if self.enabled and self.width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
