@@ -6,7 +6,6 @@ import torch
 from conftest import run_cli, tiny_config
 from gpt2train import GPT, GPTConfig
 from gpt2train.bench import eager_step, flops_per_step
-from gpt2train.optim import build_optimizer
 from gpt2train.step import Stepper
 from gpt2train.train import Trainer
 
@@ -42,8 +41,8 @@ def first_losses(dtype):
     a = GPT(config)
     b = GPT(config)
     b.load_state_dict(a.state_dict())
-    stepper = Stepper(a, build_optimizer(a, 1e-3, 0.1), torch.device("cpu"), dtype, grad_clip=1.0)
-    ours = stepper.update(1e-3, stepper.forward_backward(x, y))[0].item()
+    stepper = Stepper(a, 1e-3, 0.1, torch.device("cpu"), dtype, grad_clip=1.0)
+    ours = stepper.update(1e-3, stepper.forward_backward([(x, y)]))[0].item()
     eager = eager_step(b, dtype, torch.device("cpu"), 1e-3, 0.1, 1.0, x, y)()
     return ours, eager
 
@@ -63,9 +62,8 @@ def test_compile_on_and_off_give_the_same_loss():
     for compile in (False, True):
         torch.manual_seed(1)
         model = GPT(config)
-        stepper = Stepper(model, build_optimizer(model, 1e-3, 0.1), torch.device("cpu"), torch.float32, 1.0,
-                          compile=compile)
-        losses.append([stepper.update(1e-3, stepper.forward_backward(x, y))[0].item() for _ in range(3)])
+        stepper = Stepper(model, 1e-3, 0.1, torch.device("cpu"), torch.float32, 1.0, compile=compile)
+        losses.append([stepper.update(1e-3, stepper.forward_backward([(x, y)]))[0].item() for _ in range(3)])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 

@@ -21,7 +21,6 @@ import torch
 from .config import TrainConfig
 from .errors import UserError
 from .model import GPT, GPTConfig, KVCache
-from .optim import build_optimizer
 from .runtime import autocast, configure_backends, dtype_name, resolve_device, resolve_dtype, use_compile
 from .step import PendingStep, Stepper
 
@@ -138,12 +137,12 @@ def run_variant(config: TrainConfig, variant: str, steps: int, warmup: int) -> V
 def gpt2train_step(model: GPT, dtype: torch.dtype, device: torch.device, config: TrainConfig, x: torch.Tensor,
                    y: torch.Tensor):
     """The training loop's step: each step's loss is read after the next step is queued (on a GPU)."""
-    stepper = Stepper(model, build_optimizer(model, config.lr, config.weight_decay), device, dtype,
-                      config.grad_clip, compile=use_compile(config.compile, device))
+    stepper = Stepper(model, config.lr, config.weight_decay, device, dtype, config.grad_clip,
+                      compile=use_compile(config.compile, device))
     previous: list[PendingStep] = []
 
     def step() -> float:
-        pending = PendingStep(0, stepper.forward_backward(x, y))
+        pending = PendingStep(0, stepper.forward_backward([(x, y)]))
         loss = previous.pop().result().loss if previous else float("nan")
         pending.record(stepper.update(config.lr, pending.loss))
         previous.append(pending)

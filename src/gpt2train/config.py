@@ -41,6 +41,8 @@ class TrainConfig:
     dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16", RUN)
     seed: int = _opt(1337, "random seed for weights and data order", RUN)
     compile: bool | None = _opt(None, "torch.compile the model for training (default: on CUDA GPUs only)", RUN)
+    fsdp: bool = _opt(False, "under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) "
+                      "instead of replicating them (DDP)", RUN)
     init_from: str = _opt("", "start from the GPT-2 weights in this Hugging Face model directory, whose config.json "
                               "sets the model's shape; empty: random weights", RUN)
     data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus", DATA)
@@ -49,7 +51,8 @@ class TrainConfig:
                          "(every token once per epoch, in a shuffled order)", DATA)
     out_dir: str = _opt("saved_models", "where the final model is written", DATA)
     format: str = _opt("pt", "final model file format: pt (torch.save, the seed's) or safetensors", DATA)
-    batch_size: int = _opt(8, "sequences per step", OPTIMIZATION)
+    batch_size: int = _opt(8, "sequences per micro-step on each rank", OPTIMIZATION)
+    grad_accum: int = _opt(1, "micro-steps whose gradients add up to one optimizer step", OPTIMIZATION)
     seq_len: int = _opt(1024, "tokens per sequence (at most block_size)", OPTIMIZATION)
     max_steps: int = _opt(20000, "stop after this many optimizer steps", OPTIMIZATION)
     warmup_steps: int = _opt(2000, "linear warmup steps before the cosine decay", OPTIMIZATION)
@@ -78,7 +81,8 @@ class TrainConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
+        """Tokens per optimizer step on one rank; the global batch is this times the world size."""
+        return self.batch_size * self.seq_len * self.grad_accum
 
     def to_flat_dict(self) -> dict:
         """One level of keys, as in a config file: model fields beside the run fields."""
@@ -251,6 +255,7 @@ def validate(config: TrainConfig) -> None:
         (0.0 <= m.dropout < 1.0, "dropout must be in [0, 1)"),
         (config.preset in PRESETS, f"unknown preset '{config.preset}': choose one of {', '.join(PRESETS)}"),
         (config.batch_size > 0, "batch_size must be positive"),
+        (config.grad_accum > 0, "grad_accum must be at least 1"),
         (config.seq_len > 0, "seq_len must be positive"),
         (config.seq_len <= m.block_size, f"seq_len ({config.seq_len}) must not exceed block_size ({m.block_size}): lower --seq-len or raise --block-size"),
         (config.max_steps > 0, "max_steps must be positive"),
@@ -279,7 +284,8 @@ def validate(config: TrainConfig) -> None:
 # What a resumed run may not change: the model's shape and the data it sees. Everything else
 # (max_steps, target_loss, log_interval, lr, ...) may be changed and is reported.
 RESUME_LOCKED_KEYS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
-                      "data", "train_tokens", "sampling", "batch_size", "seq_len", "seed", "init_from")
+                      "data", "train_tokens", "sampling", "batch_size", "grad_accum", "seq_len", "seed",
+                      "init_from")
 # Keys that say how to start rather than what the run is: never compared.
 RESUME_IGNORED_KEYS = ("resume", "overwrite")
 

@@ -31,20 +31,24 @@ def final_model_path(out_dir: str | Path, format: str = "pt") -> Path:
     return Path(out_dir) / FILE_NAMES[format]
 
 
-def fp16_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def fp16_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weights in fp16 on the CPU, with tied tensors kept as one tensor (saved once)."""
     halves: dict[int, torch.Tensor] = {}
-    state = {}
-    for name, tensor in model.state_dict().items():
+    half_state = {}
+    for name, tensor in state.items():
         key = tensor.data_ptr()
         if key not in halves:
             halves[key] = tensor.detach().to(device="cpu", dtype=torch.float16)
-        state[name] = halves[key]
-    return state
+        half_state[name] = halves[key]
+    return half_state
 
 
-def save_final_model(model: GPT, path: str | Path, step: int, best_loss: float) -> None:
-    """Write the model in fp16, atomically, in the format the file name's suffix says."""
+def save_final_model(model: GPT, path: str | Path, step: int, best_loss: float, state: dict | None = None) -> None:
+    """Write the model in fp16, atomically, in the format the file name's suffix says.
+
+    `state` is the weights to write when the model's own are sharded over ranks (its gathered
+    full state dict); by default, the model's state dict.
+    """
     path = Path(path)
     info = {
         "step": step,
@@ -53,7 +57,7 @@ def save_final_model(model: GPT, path: str | Path, step: int, best_loss: float) 
         "format": FINAL_MODEL_FORMAT,
         "format_version": FINAL_MODEL_VERSION,
     }
-    state = fp16_state_dict(model)
+    state = fp16_state_dict(model.state_dict() if state is None else state)
     if path.suffix == ".safetensors":
         del state[TIED_KEY]
         metadata = {key: json.dumps(value) for key, value in info.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import statistics
 import time
 from collections import deque
@@ -12,11 +13,14 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import (
-    delete_checkpoints, find_checkpoint, latest_checkpoint, read_checkpoint, run_dir_of, save_checkpoint,
+    checkpoint_path, delete_checkpoints, find_checkpoint, latest_checkpoint, read_checkpoint, run_dir_of,
+    save_checkpoint,
 )
 from .config import TrainConfig, resume_changes
 from .data import SAMPLERS, Corpus, Sampler, load_corpus
+from .distributed import World, world_from_env
 from .errors import UserError
 from .evaluate import EvalResult, evaluate
 from .files import check_writable_dir
@@ -24,7 +28,7 @@ from .final_model import final_model_path, save_final_model
 from .hf import read_hf_model
 from .metrics import RunRecorder
 from .model import GPT
-from .optim import build_optimizer, lr_at
+from .optim import lr_at
 from .plot import plot_run
 from .prefetch import Prefetcher
 from .runtime import (
@@ -136,10 +140,11 @@ def _data_identity(corpus: Corpus, train_tokens: int) -> dict:
     return {"source": corpus.source, "text_sha256": corpus.text_sha256, "train_tokens": train_tokens}
 
 
-def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, dict, list[str]] | None:
+def _checkpoint_to_resume(config: TrainConfig, world: World) -> tuple[Path, dict, list[str]] | None:
     """(path, contents, changed settings) of the checkpoint to resume, or None for a new run.
 
-    A new run never silently replaces an earlier run's checkpoints.
+    A new run never silently replaces an earlier run's checkpoints. Every rank reads the
+    checkpoint itself: the run directory must be where every node sees it.
     """
     if not config.resume:
         existing = latest_checkpoint(config.run_dir)
@@ -149,7 +154,9 @@ def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, dict, list[str]] |
                     f"{config.run_dir} holds checkpoints of an earlier run (latest: {existing.name}): continue it "
                     "with --resume, start over with --overwrite (deletes them), or choose another --run-dir"
                 )
-            delete_checkpoints(config.run_dir)
+            distributed.barrier(world)  # every rank has looked before rank 0 deletes
+            if world.is_main:
+                delete_checkpoints(config.run_dir)
         return None
     path = find_checkpoint(config.resume, config.run_dir)
     saved = read_checkpoint(path)
@@ -172,26 +179,27 @@ def _restore(saved: dict, stepper: Stepper, sampler: Sampler, monitor: LossMonit
             f"{saved['data']['train_tokens']:,} tokens): resume with the same data, or start a new run"
         )
     try:
-        stepper.model.load_state_dict(saved["model"])
-        # Moments and step counts from the checkpoint; hyperparameters from this run's config.
-        stepper.optimizer.load_state_dict({"state": saved["optimizer"]["state"],
-                                           "param_groups": stepper.optimizer.state_dict()["param_groups"]})
+        stepper.load_state_dicts(saved["model"], saved["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}): is it from another run?") from None
-    if stepper.loss_scaling and saved["scaler"]:
-        stepper.scaler.load_state_dict(saved["scaler"])
+    stepper.load_scaler_state(saved["scaler"])
     sampler.load_state_dict(saved["sampler"])
     monitor.load_state_dict(saved["monitor"])
     restore_rng_state(saved["rng"])  # last: building the model above drew from the generators
 
 
-def _header(config: TrainConfig, model: GPT, device, dtype, corpus: Corpus, train_tokens: int) -> list[str]:
+def _header(config: TrainConfig, model: GPT, device, dtype, corpus: Corpus, train_tokens: int, world: World) -> list[str]:
     m = config.model
+    batch = f"{config.batch_size} x {config.seq_len}"
+    if config.grad_accum > 1:
+        batch += f" x {config.grad_accum} micro-steps"
+    if world.distributed:
+        batch += f" x {world.size} ranks{' (FSDP)' if config.fsdp else ''}"
     return [
         f"device: {device} | dtype: {dtype_name(dtype)} | parameters: {model.num_params():,}",
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, vocab {m.vocab_size:,}",
         f"data: {corpus.source} | train tokens: {train_tokens:,} | val tokens: {len(corpus.val):,}",
-        f"tokens per step: {config.tokens_per_step:,} ({config.batch_size} x {config.seq_len}) | "
+        f"tokens per step: {config.tokens_per_step * world.size:,} ({batch}) | "
         f"lr {config.lr:g} -> {config.min_lr:g}, warmup {config.warmup_steps:,}, max steps {config.max_steps:,} | "
         f"target loss {config.target_loss}",
     ]
@@ -219,57 +227,72 @@ def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
     """Train until the training loss first drops below config.target_loss, or max_steps pass.
 
     At the target, the fp16 final model is written to config.out_dir. Checkpoints, config.toml,
-    metrics.jsonl and loss.png go to config.run_dir; config.resume continues a run exactly.
+    metrics.jsonl and loss.png go to config.run_dir; config.resume continues a run exactly. Under
+    torchrun every process calls this; rank 0 alone prints and writes files.
     """
-    return Trainer(config, log).run()
+    try:
+        return Trainer(config, log).run()
+    finally:
+        distributed.leave()
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0."""
 
 
 class Trainer:
     """One training run: set up (new or resumed) on construction, then `run()` to its end."""
 
     def __init__(self, config: TrainConfig, log: Log = print_flush):
-        self.config, self.log = config, log
-        self.device = resolve_device(config.device)
+        self.config = config
+        self.world = world_from_env()
+        self.log = log if self.world.is_main else _quiet  # rank 0 alone speaks
+        self.device = distributed.join(self.world, resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.final_path = final_model_path(config.out_dir, config.format)
         check_writable_dir(self.final_path.parent, "final model")
         check_writable_dir(config.run_dir, "checkpoints")
-        resume = _checkpoint_to_resume(config)
+        resume = _checkpoint_to_resume(config, self.world)
         configure_backends(self.device)
-        seed_everything(config.seed)
+        seed_everything(config.seed)  # the same on every rank: the same initial weights and dropout
 
         self.corpus = load_corpus(config.data)
         if config.target_metric == "val" and len(self.corpus.val) < 2:
             raise UserError(f"--target-metric val needs a validation split, and {self.corpus.source} has none: "
                             "prepare the data with a --val-fraction above 0")
         tokens = self.corpus.train[: config.train_tokens] if config.train_tokens else self.corpus.train
-        self.sampler: Sampler = SAMPLERS[config.sampling](tokens, config.batch_size, config.seq_len, seed=config.seed)
+        self.sampler: Sampler = SAMPLERS[config.sampling](tokens, config.batch_size, config.seq_len, seed=config.seed,
+                                                          rank=self.world.rank, world_size=self.world.size)
         if self.device.type == "cuda":
             self.sampler = Prefetcher(self.sampler)
         self.model = GPT(config.model)
         if config.init_from and resume is None:  # a resumed run takes its weights from the checkpoint
             self.model.load_state_dict(read_hf_model(config.init_from)[1])
         self.model.to(self.device)
-        self.stepper = Stepper(self.model, build_optimizer(self.model, config.lr, config.weight_decay), self.device,
-                               self.dtype, config.grad_clip, compile=use_compile(config.compile, self.device))
+        self.stepper = Stepper(self.model, config.lr, config.weight_decay, self.device, self.dtype, config.grad_clip,
+                               compile=use_compile(config.compile, self.device), world=self.world, fsdp=config.fsdp)
         # On a GPU the host reads each step's loss one step late, while the device runs the next one.
         self.lag = 1 if self.device.type == "cuda" else 0
         self.monitor = LossMonitor()
         self.data = _data_identity(self.corpus, len(tokens))
+        self.tokens_per_step = config.tokens_per_step * self.world.size
         self.step = 0
         self.losses: list[float] = []
-        for line in _header(config, self.model, self.device, self.dtype, self.corpus, len(tokens)):
-            log(line)
+        for line in _header(config, self.model, self.device, self.dtype, self.corpus, len(tokens), self.world):
+            self.log(line)
         if resume is not None:
             path, saved, changes = resume
             _restore(saved, self.stepper, self.sampler, self.monitor, self.data, path)
             self.step = saved["step"]
-            log(f"resumed from {path} at step {self.step:,} (best loss {self.monitor.best_loss:.6f})")
+            self.log(f"resumed from {path} at step {self.step:,} (best loss {self.monitor.best_loss:.6f})")
+            if saved.get("world_size", 1) != self.world.size:
+                changes.append(f"world size: {saved.get('world_size', 1)} -> {self.world.size} (the data order "
+                               "from here on differs from a run that kept its world size)")
             for change in changes:
-                log(f"changed on resume: {change}")
+                self.log(f"changed on resume: {change}")
         elif config.init_from:
-            log(f"initialized from {config.init_from}")
-        self.recorder = RunRecorder(config, resumed_step=self.step)
+            self.log(f"initialized from {config.init_from}")
+        self.recorder = RunRecorder(config, resumed_step=self.step) if self.world.is_main else None
 
     def run(self) -> TrainResult:
         """Step until the target, max_steps, too many bad steps or a stop signal."""
@@ -294,7 +317,7 @@ class Trainer:
                         return ended
                 if launched is None:
                     return self._out_of_steps()
-                launched.record(self.stepper.update(self._lr(launched.step), launched.loss))
+                launched.record(self.stepper.update(self._lr(launched.step), launched.loss, self._flags(launched.step)))
                 in_flight = launched
                 if self.lag == 0:
                     ended = self._finish(launched)
@@ -307,11 +330,21 @@ class Trainer:
         return lr_at(step - 1, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
 
     def _launch(self, step: int) -> PendingStep:
-        """Queue a step's forward and backward pass."""
+        """Queue a step's forward and backward passes, one per micro-batch."""
         position = self._position() if self.lag else None
-        x, y = self.sampler.next_batch()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return PendingStep(step, self.stepper.forward_backward(x, y), position)
+        batches = []
+        for _ in range(self.config.grad_accum):
+            x, y = self.sampler.next_batch()
+            batches.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+        return PendingStep(step, self.stepper.forward_backward(batches), position)
+
+    def _flags(self, step: int) -> tuple[bool, bool]:
+        """(stop, checkpoint) as this rank sees them before the step's update: a signal arrived, or
+        (rank 0 decides) a periodic checkpoint falls after this step."""
+        stop = self.stop.signal_number is not None
+        checkpoint = (self.world.is_main and bool(self.interval) and step % self.interval == 0
+                      and step < self.config.max_steps)
+        return stop, checkpoint
 
     def _position(self) -> dict:
         """Where the data and the random generators stand: what a checkpoint must hold to go on from here."""
@@ -344,19 +377,20 @@ class Trainer:
         if logged or val is not None:
             measured = {"val_loss": val.loss, "val_perplexity": val.perplexity,
                         "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
-            self.recorder.record(step, loss=loss, best_loss=self.monitor.best_loss, lr=self._lr(step),
-                                 grad_norm=result.grad_norm, tokens_per_s=config.tokens_per_step / seconds,
-                                 step_time=seconds, **measured)
+            if self.recorder is not None:
+                self.recorder.record(step, loss=loss, best_loss=self.monitor.best_loss, lr=self._lr(step),
+                                     grad_norm=result.grad_norm, tokens_per_s=self.tokens_per_step / seconds,
+                                     step_time=seconds, **measured)
         self._estimate(step, seconds)
 
         if reached:
             return self._reached_target()
         if self.monitor.bad_in_a_row >= config.max_bad_steps:
             return self._diverged()
-        if self.stop.signal_number is not None:
-            return self._interrupted(self.stop.signal_number)
+        if result.stop:
+            return self._interrupted(self.stop.signal_number or signal.SIGTERM)
         # Never during a run of bad steps: the last good checkpoint is the one to go back to.
-        if self.interval and step % self.interval == 0 and step < config.max_steps and self.monitor.bad_in_a_row == 0:
+        if result.checkpoint and self.monitor.bad_in_a_row == 0:
             log(f"checkpoint saved: {self._checkpoint()}")
         return None
 
@@ -391,21 +425,29 @@ class Trainer:
         return Path(self.config.run_dir) / "checkpoints"
 
     def _checkpoint(self, finished: str = "") -> Path:
+        """Save a checkpoint of the step just finished. A collective: every rank calls it, rank 0 writes."""
         config = self.config
-        contents = {
-            "config": config.to_flat_dict(),
-            "best_loss": self.monitor.best_loss,
-            # The learning rate of the next step: where the schedule stands.
-            "lr": lr_at(self.step, config.lr, config.min_lr, config.warmup_steps, config.max_steps),
-            "finished": finished,
-            "model": self.model.state_dict(),
-            "optimizer": self.stepper.optimizer.state_dict(),
-            "scaler": self.stepper.scaler.state_dict() if self.stepper.loss_scaling else {},
-            **(self.rewind_to or self._position()),  # the next step's batch may already be drawn (lag 1)
-            "monitor": self.monitor.state_dict(),
-            "data": self.data,
-        }
-        return save_checkpoint(config.run_dir, self.step, contents, keep=config.keep_checkpoints)
+        model_state, optimizer_state = self.stepper.state_dicts()
+        path = checkpoint_path(config.run_dir, self.step)
+        if self.world.is_main:
+            contents = {
+                "config": config.to_flat_dict(),
+                "best_loss": self.monitor.best_loss,
+                # The learning rate of the next step: where the schedule stands.
+                "lr": lr_at(self.step, config.lr, config.min_lr, config.warmup_steps, config.max_steps),
+                "finished": finished,
+                "world_size": self.world.size,
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scaler": self.stepper.scaler_state(),
+                # Every rank's sampler and generators stand where rank 0's do: one position serves all.
+                **(self.rewind_to or self._position()),  # the next step's batch may already be drawn (lag 1)
+                "monitor": self.monitor.state_dict(),
+                "data": self.data,
+            }
+            path = save_checkpoint(config.run_dir, self.step, contents, keep=config.keep_checkpoints)
+        distributed.barrier(self.world)
+        return path
 
     def _best(self) -> float:
         """The best value of the loss the target applies to."""
@@ -413,6 +455,8 @@ class Trainer:
 
     def _close_records(self) -> None:
         """Finish metrics.jsonl and draw loss.png."""
+        if self.recorder is None:
+            return
         self.recorder.close()
         try:
             self.log(f"loss plot: {plot_run(self.config.run_dir)}")
@@ -424,7 +468,9 @@ class Trainer:
 
     def _reached_target(self) -> TrainResult:
         best = self._best()
-        save_final_model(self.model, self.final_path, step=self.step, best_loss=best)
+        model_state, _ = self.stepper.state_dicts()
+        if self.world.is_main:
+            save_final_model(self.model, self.final_path, step=self.step, best_loss=best, state=model_state)
         checkpoint = self._checkpoint(finished=TARGET_REACHED)
         self.log(f"Target loss achieved! Best loss: {best:.6f}")
         self.log(f"Final model saved at: {self.final_path}")
