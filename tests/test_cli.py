@@ -15,9 +15,13 @@ def test_help_lists_subcommands_and_shows_defaults():
                  "--config", "--data", "--out-dir", "--device", "--dtype", "--seed", "--batch-size", "--seq-len",
                  "--max-steps", "--warmup-steps", "--lr", "--min-lr", "--weight-decay", "--grad-clip",
                  "--target-loss", "--log-interval", "--run-dir", "--resume", "--checkpoint-interval",
-                 "--keep-checkpoints", "--overwrite", "--max-bad-steps", "--format"):
+                 "--keep-checkpoints", "--overwrite", "--max-bad-steps", "--format", "--sampling"):
         assert flag in train_help
     assert "(default: 20000)" in train_help and "(default: 0.099999)" in train_help
+    prepare_help = run_cli("prepare", "--help").stdout
+    for flag in ("--out", "--val-fraction", "--workers", "--shard-tokens", "--text-field", "--include", "--exclude",
+                 "--split", "--cache-dir", "--overwrite", "--quiet"):
+        assert flag in prepare_help
 
 
 def test_prepare_rejects_empty_input_with_one_clear_line(tmp_path):
