@@ -82,14 +82,6 @@ def gather(value, world: World) -> list:
     return values
 
 
-def all_agree(flag: bool, world: World) -> bool:
-    """True on every rank if `flag` is true on any: for decisions all ranks must take together."""
-    if not world.distributed:
-        return flag
-    values = gather(flag, world)
-    return any(values)
-
-
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -120,7 +120,8 @@ class Stepper:
         on the device, the loss averaged and the flags summed over all ranks."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)  # also finds non-finite gradients, on the device
+        if not self.sharded:  # FSDP trains unscaled (bf16 or fp32)
+            self.scaler.unscale_(self.optimizer)  # also finds non-finite gradients, on the device
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.grad_clip > 0:

@@ -172,7 +172,8 @@ def _checkpoint_to_resume(config: TrainConfig, world: World) -> tuple[Path, dict
     return path, saved, changes
 
 
-def _restore(saved: dict, stepper: Stepper, sampler: Sampler, monitor: LossMonitor, data: dict, path: Path) -> None:
+def _restore(saved: dict, stepper: Stepper, sampler: Sampler, monitor: LossMonitor, data: dict, path: Path,
+             world: World) -> None:
     if saved["data"] != data:
         raise UserError(
             f"the training data differs from the one {path} was trained on ({saved['data']['source']}, "
@@ -183,9 +184,12 @@ def _restore(saved: dict, stepper: Stepper, sampler: Sampler, monitor: LossMonit
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}): is it from another run?") from None
     stepper.load_scaler_state(saved["scaler"])
-    sampler.load_state_dict(saved["sampler"])
+    # Each rank goes on from its own position; with another world size, all from rank 0's.
+    others = saved.get("other_ranks", [])
+    position = others[world.rank - 1] if world.rank > 0 and len(others) == world.size - 1 else saved
+    sampler.load_state_dict(position["sampler"])
     monitor.load_state_dict(saved["monitor"])
-    restore_rng_state(saved["rng"])  # last: building the model above drew from the generators
+    restore_rng_state(position["rng"])  # last: building the model above drew from the generators
 
 
 def _header(config: TrainConfig, model: GPT, device, dtype, corpus: Corpus, train_tokens: int, world: World) -> list[str]:
@@ -231,7 +235,12 @@ def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
     torchrun every process calls this; rank 0 alone prints and writes files.
     """
     try:
-        return Trainer(config, log).run()
+        trainer = Trainer(config, log)
+        result = trainer.run()
+        # torchrun ends the other ranks as soon as one exits with a failure status, as a run that
+        # stops short of its target does: no rank leaves before rank 0 has written everything.
+        distributed.barrier(trainer.world)
+        return result
     finally:
         distributed.leave()
 
@@ -282,7 +291,7 @@ class Trainer:
             self.log(line)
         if resume is not None:
             path, saved, changes = resume
-            _restore(saved, self.stepper, self.sampler, self.monitor, self.data, path)
+            _restore(saved, self.stepper, self.sampler, self.monitor, self.data, path, self.world)
             self.step = saved["step"]
             self.log(f"resumed from {path} at step {self.step:,} (best loss {self.monitor.best_loss:.6f})")
             if saved.get("world_size", 1) != self.world.size:
@@ -429,6 +438,8 @@ class Trainer:
         config = self.config
         model_state, optimizer_state = self.stepper.state_dicts()
         path = checkpoint_path(config.run_dir, self.step)
+        # Where each rank's data and generators stand; the next step's batch may already be drawn (lag 1).
+        positions = distributed.gather(self.rewind_to or self._position(), self.world)
         if self.world.is_main:
             contents = {
                 "config": config.to_flat_dict(),
@@ -440,8 +451,8 @@ class Trainer:
                 "model": model_state,
                 "optimizer": optimizer_state,
                 "scaler": self.stepper.scaler_state(),
-                # Every rank's sampler and generators stand where rank 0's do: one position serves all.
-                **(self.rewind_to or self._position()),  # the next step's batch may already be drawn (lag 1)
+                **positions[0],
+                "other_ranks": positions[1:],
                 "monitor": self.monitor.state_dict(),
                 "data": self.data,
             }
