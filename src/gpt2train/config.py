@@ -38,7 +38,8 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     preset: str = _opt("gpt2", "named configuration to start from (see `gpt2train presets`)", RUN)
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", RUN)
-    dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16", RUN)
+    dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; on a CPU bf16 with AMX or AVX-512 BF16, "
+                                 "else fp32), float32, bfloat16, float16", RUN)
     seed: int = _opt(1337, "random seed for weights and data order", RUN)
     compile: bool | None = _opt(None, "torch.compile the model for training (default: on CUDA GPUs only)", RUN)
     fsdp: bool = _opt(False, "under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) "
