@@ -1,5 +1,6 @@
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,20 @@ def run_cli(*args, cwd=None, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "gpt2train", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_and_wait_for(command: list, pattern: str, env: dict | None = None):
+    """Start COMMAND; return the process and its output so far once a line of it matches `pattern`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([str(c) for c in command], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return proc, seen
+    proc.wait()
+    pytest.fail(f"the run ended before printing {pattern!r}:\n{''.join(seen)}{proc.stderr.read()}")
 
 
 def cli(capsys, *args):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_FLAGS, run_cli
+from conftest import TINY_FLAGS, run_cli, start_and_wait_for
 from gpt2train import load_model
 from gpt2train.checkpoint import list_checkpoints
 
@@ -115,19 +115,9 @@ def test_all_ranks_stop_at_the_target_together_and_one_final_model_is_written(tm
 
 def start_torchrun(args, pattern: str):
     """Start a 2-rank run; return the launcher and its output once a line matches `pattern`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(torchrun_command(*args), env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return proc, seen
-    proc.wait()
-    pytest.fail(f"the run ended before printing {pattern!r}:\n{''.join(seen)}{proc.stderr.read()}")
+    return start_and_wait_for(torchrun_command(*args), pattern, env={"OMP_NUM_THREADS": "1"})
 
 
-@needs_proc
 def test_a_killed_two_rank_run_resumes_as_if_never_interrupted(tmp_path, small_corpus, two_ranks):
     expected = logged_losses(two_ranks[0])
     proc, seen = start_torchrun(run_args(tmp_path, small_corpus), r"checkpoint saved: .*step_00000010\.pt")

@@ -1,15 +1,13 @@
 """Kill a run at any moment, resume it, and get exactly the run that was never interrupted."""
 
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
 
-from conftest import TINY_FLAGS, prepare_small_corpus, run_cli, tiny_config
+from conftest import TINY_FLAGS, prepare_small_corpus, run_cli, start_and_wait_for, tiny_config
 from gpt2train import train
 from gpt2train.checkpoint import list_checkpoints
 from gpt2train.errors import UserError
@@ -39,23 +37,13 @@ def uninterrupted(tmp_path_factory, small_corpus):
     return losses, (tmp / "out" / "final_model.pt").read_bytes()
 
 
-def start_and_wait_for(args, pattern: str):
-    """Start `gpt2train ARGS`; return the process and its output once a line matches `pattern`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2train", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return proc, seen
-    proc.wait()
-    pytest.fail(f"the run ended before printing {pattern!r}:\n{''.join(seen)}{proc.stderr.read()}")
+def start_gpt2train(args, pattern: str):
+    return start_and_wait_for([sys.executable, "-m", "gpt2train", *args], pattern)
 
 
 def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, small_corpus, uninterrupted):
     expected_losses, expected_model = uninterrupted
-    proc, seen = start_and_wait_for(run_args(tmp_path, small_corpus), r"checkpoint saved: .*step_00000020\.pt")
+    proc, seen = start_gpt2train(run_args(tmp_path, small_corpus), r"checkpoint saved: .*step_00000020\.pt")
     proc.send_signal(signal.SIGKILL)  # no chance to clean up, at whatever step it has reached
     seen += proc.stdout.readlines()
     assert proc.wait() == -signal.SIGKILL
@@ -75,7 +63,7 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, small_co
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_corpus, uninterrupted):
     expected_losses, expected_model = uninterrupted
-    proc, seen = start_and_wait_for(run_args(tmp_path, small_corpus), r"^step 15 ")
+    proc, seen = start_gpt2train(run_args(tmp_path, small_corpus), r"^step 15 ")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
