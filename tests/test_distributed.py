@@ -155,7 +155,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_checkpoint(tmp_path, smal
     out, err = proc.communicate(timeout=TIMEOUT)
     stopped = re.search(r"Stopped at step (\d+): checkpoint saved at (\S+)\.", out)
     assert stopped, out + err
-    assert out.count("Stopped at step") == 1
+    assert out.count("Stopped at step") == 1 and "Continue with: the same torchrun command" in out
     step = int(stopped.group(1))
     checkpoint = list_checkpoints(tmp_path / "run")[-1]
     assert checkpoint.name == f"step_{step:08d}.pt"

@@ -502,8 +502,10 @@ class Trainer:
 
     def _interrupted(self, signal_number: int) -> TrainResult:
         checkpoint = self._checkpoint()
-        self.log(f"Stopped at step {self.step}: checkpoint saved at {checkpoint}. "
-                 f"Continue with: gpt2train train --resume {self.config.run_dir}")
+        command = f"gpt2train train --resume {self.config.run_dir}"
+        if self.world.distributed:
+            command = f"the same torchrun command, running {command}"
+        self.log(f"Stopped at step {self.step}: checkpoint saved at {checkpoint}. Continue with: {command}")
         self._close_records()
         return self._result(INTERRUPTED, final_model_path=None, checkpoint_path=checkpoint,
                             signal_number=signal_number)
