@@ -21,8 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 import torch
+
+from gpt2train.bench import run_in_subprocess
+from gpt2train.runtime import cpu_has_bf16_matmul
 
 CPU = ["--device", "cpu"]
 SETS = {
@@ -55,8 +59,7 @@ def gpt2train(*args: str) -> str:
 
 
 def time_variant(flags: list[str], variant: str, steps: int, warmup: int) -> dict:
-    out = gpt2train("bench", *flags, "--variant", variant, "--steps", str(steps), "--warmup", str(warmup), "--json")
-    return json.loads(out)["variants"][0]
+    return asdict(run_in_subprocess([*flags, "--steps", str(steps), "--warmup", str(warmup)], variant))
 
 
 def time_to_target(flags: list[str]) -> float:
@@ -80,7 +83,7 @@ def run_set(kind: str, steps: int, warmup: int, bf16_steps: int) -> dict:
     for name, flags in SETS[kind]:
         rows = []
         for label, variant, extra in VARIANTS[kind]:
-            few = variant == "eager-bf16" and not cpu_has_bf16()
+            few = variant == "eager-bf16" and not cpu_has_bf16_matmul()
             n, w = (bf16_steps, 1) if few else (steps, warmup)
             rows.append({"label": label, "steps": n, **time_variant([*flags, *extra], variant, n, w)})
             print(f"  {name}: {label}: {rows[-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
@@ -88,12 +91,6 @@ def run_set(kind: str, steps: int, warmup: int, bf16_steps: int) -> dict:
     results["time_to_target_s"] = time_to_target(TARGET_RUNS[kind])
     results["decoding"] = gpt2train("bench", *DECODING[kind], "--generate", "200").strip().splitlines()
     return results
-
-
-def cpu_has_bf16() -> bool:
-    from gpt2train.runtime import cpu_has_bf16_matmul
-
-    return cpu_has_bf16_matmul()
 
 
 def markdown(kind: str, results: dict) -> list[str]:
