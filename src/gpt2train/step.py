@@ -138,8 +138,12 @@ class Stepper:
             self.scaler.step(self.optimizer)  # skipped, on the device, when a gradient is not finite
             self.scaler.update(None if self.loss_scaling else 1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        shared = torch.tensor([0.0, *map(float, flags)], device=self.device)
+        # Built on the device: a tensor made from host values would be a blocking copy on a GPU.
+        shared = torch.zeros(1 + len(flags), device=self.device)
         shared[0] = loss
+        for i, raised in enumerate(flags, start=1):
+            if raised:
+                shared[i] = 1.0
         distributed.sum_(shared, self.world)
         return torch.stack([shared[0] / self.world.size, grad_norm.float(), applied.float(), shared[1], shared[2]])
 
