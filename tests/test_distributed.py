@@ -25,14 +25,14 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="fi
 TIMEOUT = 300  # a rank left waiting on a collective would hang: fail instead
 
 
-def torchrun_command(*args, ranks: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+def torchrun_command(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "gpt2train", *map(str, args)]
 
 
-def torchrun(*args, ranks: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(torchrun_command(*args, ranks=ranks), env=env, capture_output=True, text=True,
+    return subprocess.run(torchrun_command(*args), env=env, capture_output=True, text=True,
                           timeout=TIMEOUT)
 
 
@@ -72,15 +72,15 @@ def one_rank_batch_8(tmp_path_factory, small_corpus):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, small_corpus):
-    """An uninterrupted 2-rank DDP run, batch 4 per rank: (stdout, losses, run directory)."""
+    """An uninterrupted 2-rank DDP run, batch 4 per rank: (stdout, losses)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
     result = torchrun(*run_args(tmp, small_corpus))
     assert_ran_to_max_steps(result, 60)
-    return result.stdout, recorded_losses(tmp / "run"), tmp / "run"
+    return result.stdout, recorded_losses(tmp / "run")
 
 
 def test_two_ranks_of_batch_4_train_as_one_rank_of_batch_8(one_rank_batch_8, two_ranks):
-    stdout, losses, _ = two_ranks
+    stdout, losses = two_ranks
     assert "tokens per step: 256 (4 x 32 x 2 ranks)" in stdout
     # Rank 0 alone prints: every step line appears once.
     assert sorted(int(s) for s, _, _ in STEP.findall(stdout)) == list(range(1, 61))
@@ -166,7 +166,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_checkpoint(tmp_path, smal
 
 
 def test_fsdp_trains_as_ddp_does_and_resumes(tmp_path, small_corpus, two_ranks):
-    _, ddp, _ = two_ranks
+    _, ddp = two_ranks
     result = torchrun(*run_args(tmp_path, small_corpus, "--fsdp", "--keep-checkpoints", "6"))
     assert_ran_to_max_steps(result, 60)
     assert "(FSDP)" in result.stdout
