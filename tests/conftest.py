@@ -16,9 +16,27 @@ SMALL_TEXT = (
     "The early bird catches the worm, but the second mouse gets the cheese.\n"
 )
 
-# Command-line flags for a model small enough to train in seconds on a CPU.
-TINY_FLAGS = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-              "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup-steps", "5"]
+# Command-line flags for a model small enough to train in seconds on a CPU. Device and dtype are pinned:
+# `--dtype auto` is bf16 on CPUs with AMX or AVX-512 BF16 and fp32 elsewhere, and the tests compare numbers.
+TINY_FLAGS = ["--device", "cpu", "--dtype", "float32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+              "--block-size", "32", "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--min-lr", "1e-3",
+              "--warmup-steps", "5"]
+
+
+# A step's log line: its number, loss and best loss as printed.
+STEP = re.compile(r"^step (\d+) \| loss: (\S+) \| best_loss: (\S+) \|", re.MULTILINE)
+
+
+def logged_losses(stdout: str) -> dict[int, tuple[str, str]]:
+    """step -> (loss, best_loss) as printed."""
+    return {int(step): (loss, best) for step, loss, best in STEP.findall(stdout)}
+
+
+def quiet(config):
+    """train(config) without its log lines."""
+    from gpt2train import train
+
+    return train(config, log=lambda _: None)
 
 
 def prepare_small_corpus(directory: Path) -> Path:
@@ -37,11 +55,12 @@ def small_corpus(tmp_path_factory):
 
 
 def tiny_config(tmp_path, data_dir, **overrides):
-    """A model small enough that a test trains it in seconds on a CPU; all files under tmp_path."""
+    """A model small enough that a test trains it in seconds on a CPU, in fp32 whatever the CPU; all files
+    under tmp_path."""
     values = dict(
         n_layer=1, n_head=2, n_embd=32, block_size=32, seq_len=32, batch_size=4,
         lr=1e-2, min_lr=1e-3, warmup_steps=5, max_steps=300, target_loss=1.0,
-        log_interval=10, device="cpu", data=str(data_dir), out_dir=str(tmp_path / "out"),
+        log_interval=10, device="cpu", dtype="float32", data=str(data_dir), out_dir=str(tmp_path / "out"),
         run_dir=str(tmp_path / "run"),
     )
     values.update(overrides)
@@ -85,3 +104,15 @@ def snapshot(directory: Path) -> dict:
         str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
         for p in sorted(directory.rglob("*")) if p.is_file()
     }
+
+
+def final_model_without_run(path) -> dict:
+    """A final model's contents less the record of the run that wrote it: what two runs that trained
+    the same model have in common, bit for bit."""
+    import torch
+
+    contents = torch.load(path, weights_only=True)
+    del contents["run"]
+    contents["model_state_dict"] = {k: (v.dtype, tuple(v.shape), v.numpy().tobytes())
+                                    for k, v in contents["model_state_dict"].items()}
+    return contents

@@ -128,3 +128,28 @@ def test_find_checkpoint_accepts_a_file_a_run_dir_or_its_checkpoints_dir(tmp_pat
 def test_best_loss_survives_as_a_plain_float(tmp_path):
     save_checkpoint(tmp_path, 3, contents(math.inf), keep=1)
     assert read_checkpoint(latest_checkpoint(tmp_path))["best_loss"] == math.inf
+
+
+def test_a_checkpoint_whose_bytes_changed_anywhere_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path, 1, contents(), keep=1)
+    good = path.read_bytes()
+    for at in (0.0, 0.01, 0.3, 0.5, 0.7, 0.99, 1.0):
+        i = min(int(len(good) * at), len(good) - 1)
+        path.write_bytes(good[:i] + bytes([good[i] ^ 0x80]) + good[i + 1 :])
+        with pytest.raises(UserError, match="damaged|truncated or corrupt"):
+            read_checkpoint(path)
+    path.write_bytes(good[:-1])
+    with pytest.raises(UserError, match="damaged|truncated or corrupt"):
+        read_checkpoint(path)
+    path.write_bytes(good)
+    assert read_checkpoint(path)["step"] == 1
+
+
+def test_a_checkpoint_written_before_checksums_still_resumes(tmp_path):
+    old = tmp_path / "old.pt"
+    torch.save({**contents(), "format": CHECKPOINT_FORMAT, "format_version": 1, "step": 3}, old)  # no checksum
+    assert read_checkpoint(old)["step"] == 3
+    new = tmp_path / "new.pt"
+    torch.save({**contents(), "format": CHECKPOINT_FORMAT, "format_version": 2, "step": 3}, new)
+    with pytest.raises(UserError, match="carries no checksum"):
+        read_checkpoint(new)

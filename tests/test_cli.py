@@ -1,5 +1,7 @@
 """The command line as a user runs it: subprocesses, exit codes, files on disk."""
 
+import re
+
 import torch
 
 from conftest import TINY_FLAGS, run_cli
@@ -8,8 +10,9 @@ from gpt2train import GPT, GPTConfig
 
 def test_help_lists_subcommands_and_shows_defaults():
     out = run_cli("--help").stdout
-    for command in ("prepare", "train", "sample", "presets"):
-        assert command in out
+    # argparse lists each subcommand under COMMAND on a line of its own, indented by four spaces.
+    listed = re.findall(r"^ {4}(\S+)", out, re.MULTILINE)
+    assert listed == ["prepare", "train", "sample", "eval", "plot", "export", "bench", "presets"], out
     train_help = run_cli("train", "--help").stdout
     for flag in ("--n-layer", "--n-head", "--n-embd", "--block-size", "--vocab-size", "--dropout", "--preset",
                  "--config", "--data", "--out-dir", "--device", "--dtype", "--seed", "--batch-size", "--seq-len",
@@ -71,7 +74,7 @@ def test_sample_from_missing_model_is_a_user_error(tmp_path):
 def test_default_124m_one_step_writes_an_fp16_model_the_seed_snippet_loads(tmp_path):
     # The one test that builds the full 124M model: the README's acceptance command.
     result = run_cli("train", "--max-steps", "1", "--target-loss", "100", "--batch-size", "1",
-                     "--seq-len", "64", "--device", "cpu", cwd=tmp_path)
+                     "--seq-len", "64", "--device", "cpu", "--dtype", "float32", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "parameters: 124,475,904" in result.stdout
     path = tmp_path / "saved_models" / "final_model.pt"

@@ -24,6 +24,13 @@ def test_precedence_preset_then_file_then_flags(tmp_path):
     assert config.batch_size == tiny.batch_size  # an unset flag overrides nothing
 
 
+def test_a_presets_slice_of_the_builtin_corpus_never_shrinks_the_users_data():
+    assert preset_config("tiny").train_tokens == 1024  # the built-in corpus: the preset's slice
+    assert resolve_config(overrides={"preset": "tiny", "data": "data/mine"}).train_tokens == 0  # all of it
+    mine = resolve_config(overrides={"preset": "tiny", "data": "data/mine", "train_tokens": 5000})
+    assert mine.train_tokens == 5000  # unless asked for
+
+
 def test_int_accepted_for_float_key(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("target_loss = 1\n")

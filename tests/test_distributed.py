@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_FLAGS, run_cli, start_and_wait_for
+from conftest import STEP, TINY_FLAGS, logged_losses, run_cli, start_and_wait_for
 from gpt2train import load_model
 from gpt2train.checkpoint import list_checkpoints
 
 # Two blocks, so that FSDP has more than one unit to shard; a target never reached, so runs go on to max steps.
 FLAGS = [*TINY_FLAGS, "--n-layer", "2", "--max-steps", "60", "--log-interval", "1", "--checkpoint-interval", "10",
          "--target-loss", "0"]
-STEP = re.compile(r"^step (\d+) \| loss: (\S+) \| best_loss: (\S+) \|", re.MULTILINE)
 # Rank processes are found through /proc, to signal one rank of a run.
 needs_proc = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds rank processes through /proc")
 TIMEOUT = 300  # a rank left waiting on a collective would hang: fail instead
@@ -50,10 +49,6 @@ def recorded_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss, at full precision, from the run's metrics.jsonl."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
-def logged_losses(stdout: str) -> dict[int, tuple[str, str]]:
-    return {int(step): (loss, best) for step, loss, best in STEP.findall(stdout)}
 
 
 def assert_close(actual: dict[int, float], expected: dict[int, float], steps: range, rtol: float) -> None:

@@ -22,7 +22,13 @@ def originals(tmp_path_factory, small_corpus):
     (root / "no_text_here").mkdir()
     (root / "a_file").write_text("not a directory")
     save_final_model(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)), root / "model.pt", 1, 1.0)
+    broken = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    torch.nn.init.constant_(broken.transformer.ln_f.weight, float("nan"))
+    save_final_model(broken, root / "nan_model.pt", 1, 1.0)  # intact file, weights that compute NaN
     train(tiny_config(root, root / "data", max_steps=6, target_loss=0.0), log=lambda _: None)
+    # A run that reached its target: its final model is in root/saved.
+    train(tiny_config(root, root / "data", max_steps=6, target_loss=100.0, run_dir=str(root / "done"),
+                      out_dir=str(root / "saved")), log=lambda _: None)
     return root
 
 
@@ -39,6 +45,14 @@ def damage(path, change) -> None:
 
 def damage_token_file(work, change) -> None:
     damage(work / "data" / shard_name("train", 0), change)
+
+
+def flip(path, at: float) -> None:
+    """Invert 8 bytes at a fraction `at` of the way through the file."""
+    data = bytearray(path.read_bytes())
+    start = min(int(len(data) * at), len(data) - 8)
+    data[start : start + 8] = bytes(b ^ 0xFF for b in data[start : start + 8])
+    path.write_bytes(bytes(data))
 
 
 def write(path, text) -> None:
@@ -64,6 +78,7 @@ CASES = {
                           or ["prepare", w / "d.txt.gz", "--out", w / "new"], "is not a valid gz file"),
     "missing data directory": (lambda w: [*TRAIN, "--data", w / "nowhere"], "does not exist"),
     "not a data directory": (lambda w: [*TRAIN, "--data", w / "no_text_here"], "not a prepared data directory"),
+    "data is a file": (lambda w: [*TRAIN, "--data", w / "a_file"], "is a file, and --data takes a directory"),
     "shard missing": (lambda w: (w / "data" / shard_name("train", 0)).unlink() or [*TRAIN, "--data", w / "data"],
                       "cannot read token file"),
     "unknown sampling": (lambda w: [*TRAIN, "--sampling", "shuffled"], "invalid choice: 'shuffled'"),
@@ -84,6 +99,8 @@ CASES = {
     "corrupt checkpoint": (lambda w: damage(checkpoint(w), lambda b: b"\x80\x02garbage" * 50)
                            or ["train", "--resume", w / "run"], "truncated or corrupt"),
     "foreign checkpoint": (lambda w: ["train", "--resume", w / "model.pt"], "not a gpt2train training checkpoint"),
+    "checkpoint with changed bytes": (lambda w: flip(checkpoint(w), 0.5) or ["train", "--resume", w / "run"],
+                                      "is damaged: its bytes do not match the checksum"),
     "checkpoint of another shape": (lambda w: ["train", "--resume", w / "run", "--n-layer", "3", "--max-steps", "20"],
                                     "cannot resume with n_layer=3"),
     "nothing to resume": (lambda w: ["train", "--resume", "--run-dir", w / "no_text_here"], "no checkpoint in"),
@@ -95,6 +112,19 @@ CASES = {
     "corrupt final model": (lambda w: damage(w / "model.pt", lambda b: b"junk" * 100)
                             or ["sample", "--model", w / "model.pt"], "truncated or corrupt"),
     "foreign final model": (lambda w: ["sample", "--model", checkpoint(w)], "not a gpt2train model file"),
+    "final model with changed bytes, sample": (lambda w: flip(w / "model.pt", 0.5) or ["sample", "--model", w / "model.pt"],
+                                               "is damaged: its bytes do not match the checksum"),
+    "final model with changed bytes, eval": (lambda w: flip(w / "model.pt", 0.3) or ["eval", "--model", w / "model.pt"],
+                                             "is damaged: its bytes do not match the checksum"),
+    "final model with changed bytes, export": (lambda w: flip(w / "model.pt", 0.7)
+                                               or ["export", "--model", w / "model.pt", "--out", w / "hf"],
+                                               "is damaged: its bytes do not match the checksum"),
+    "weights that compute NaN, sample": (lambda w: ["sample", "--model", w / "nan_model.pt", "--device", "cpu"],
+                                         "non-finite logits"),
+    "weights that compute NaN, eval": (lambda w: ["eval", "--model", w / "nan_model.pt", "--device", "cpu",
+                                                  "--dtype", "float32", "--max-tokens", "64"], "non-finite loss"),
+    "another run's final model": (lambda w: [*TRAIN, "--data", w / "data", "--run-dir", w / "new_run",
+                                             "--out-dir", w / "saved"], "holds a final model written by the run in"),
     "missing final model": (lambda w: ["sample", "--model", w / "none.pt"], "does not exist"),
     # hyperparameters and config files
     "zero lr": (lambda w: [*TRAIN, "--lr", "0"], "lr must be positive"),
@@ -141,17 +171,19 @@ def test_debug_shows_the_traceback(work, capsys):
 
 
 def test_disk_full_while_saving_keeps_the_previous_final_model(work, capsys, monkeypatch):
-    before = (work / "model.pt").read_bytes()
+    previous = work / "final_model.pt"  # an earlier final model, where this run writes its own
+    shutil.copy(work / "model.pt", previous)
+    before = previous.read_bytes()
 
     def disk_full(obj, f):
         f.write(b"PK\x03\x04 a few bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
+    # --overwrite: replacing a final model another run wrote is allowed, so the save itself is what fails.
     code, out, err = cli(capsys, "train", *TINY_FLAGS, "--data", work / "data", "--target-loss", "100",
-                         "--out-dir", work, "--run-dir", work / "new_run")
+                         "--out-dir", work, "--run-dir", work / "new_run", "--overwrite")
     assert code == 2 and "No space left on device" in err and err.count("\n") == 1
     assert "Traceback" not in err
-    assert (work / "model.pt").read_bytes() == before  # a different file name, but check nothing was clobbered
+    assert previous.read_bytes() == before
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []  # no temp file left behind
-    assert not (work / "final_model.pt").exists()

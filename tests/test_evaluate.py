@@ -62,10 +62,11 @@ def test_eval_command_scores_files_and_the_builtin_split(tmp_path, model):
     save_final_model(model, tmp_path / "m.pt", step=1, best_loss=1.0)
     text = "Some held-out text to score. " * 20
     (tmp_path / "a.txt").write_text(text)
-    result = run_cli("eval", "--model", tmp_path / "m.pt", tmp_path / "a.txt", "--device", "cpu")
+    result = run_cli("eval", "--model", tmp_path / "m.pt", tmp_path / "a.txt", "--device", "cpu", "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     # Every token but the first is predicted, and so is the <|endoftext|> that closes the document.
     assert f"tokens: {len(get_tokenizer().encode(text))} |" in result.stdout
     assert "val loss: " in result.stdout and "bits per byte: " in result.stdout
-    builtin = run_cli("eval", "--model", tmp_path / "m.pt", "--max-tokens", "64", "--device", "cpu")
+    builtin = run_cli("eval", "--model", tmp_path / "m.pt", "--max-tokens", "64", "--device", "cpu",
+                      "--dtype", "float32")
     assert builtin.returncode == 0 and "builtin:pydoc_data.topics (validation split) | tokens: 64" in builtin.stdout

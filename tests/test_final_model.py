@@ -5,6 +5,7 @@ import torch
 
 from conftest import tiny_config
 from gpt2train import GPT, GPTConfig, load_model, train
+from gpt2train.checksum import seal_archive
 from gpt2train.errors import UserError
 from gpt2train.final_model import read_final_model, save_final_model
 
@@ -16,6 +17,8 @@ def small_model():
 
 @pytest.mark.parametrize("name", ["final_model.pt", "final_model.safetensors"])
 def test_both_formats_round_trip_to_the_same_model(tmp_path, name):
+    if name.endswith(".safetensors"):
+        pytest.importorskip("safetensors")
     model = small_model()
     save_final_model(model, tmp_path / name, step=7, best_loss=0.25)
     loaded = load_model(tmp_path / name)
@@ -30,6 +33,7 @@ def test_both_formats_round_trip_to_the_same_model(tmp_path, name):
 
 
 def test_safetensors_stores_the_tied_matrix_once(tmp_path):
+    pytest.importorskip("safetensors")
     from safetensors import safe_open
 
     model = small_model()
@@ -42,12 +46,14 @@ def test_safetensors_stores_the_tied_matrix_once(tmp_path):
 
 
 def test_training_writes_safetensors_when_asked(tmp_path, small_corpus):
+    pytest.importorskip("safetensors")
     result = train(tiny_config(tmp_path, small_corpus, format="safetensors", target_loss=5.0), log=lambda _: None)
     assert result.final_model_path == tmp_path / "out" / "final_model.safetensors"
     assert isinstance(load_model(result.final_model_path), GPT)
 
 
 def test_a_foreign_safetensors_file_is_refused(tmp_path):
+    pytest.importorskip("safetensors")
     import safetensors.torch
 
     (tmp_path / "other.safetensors").write_bytes(safetensors.torch.save({"w": torch.zeros(2)}))
@@ -62,7 +68,9 @@ def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):
     save_final_model(small_model(), tmp_path / "m.pt", step=1, best_loss=1.0)
     contents = torch.load(tmp_path / "m.pt", weights_only=True)
     contents["config"]["n_embd"] = 32
-    torch.save(contents, tmp_path / "m.pt")
+    with open(tmp_path / "m.pt", "w+b") as f:  # an intact file, with its checksum
+        torch.save(contents, f)
+        seal_archive(f)
     with pytest.raises(UserError, match="do not fit its config"):
         load_model(tmp_path / "m.pt")
 
@@ -79,3 +87,60 @@ def test_a_run_that_could_not_save_safetensors_fails_before_training(tmp_path, s
     with pytest.raises(UserError, match="needs the safetensors package"):
         train(tiny_config(tmp_path, small_corpus, format="safetensors"), log=lines.append)
     assert lines == []
+
+
+# Where bytes are changed: the zip or safetensors header, the pickle or JSON, the weights, the
+# zip's central directory, the checksum itself.
+FLIP_AT = [0.0, 0.001, 0.25, 0.5, 0.75, 0.999, 1.0]
+
+
+def flipped(data: bytes, at: float) -> bytes:
+    i = min(int(len(data) * at), len(data) - 1)
+    return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+
+
+@pytest.mark.parametrize("name", ["final_model.pt", "final_model.safetensors"])
+def test_a_final_model_whose_bytes_changed_anywhere_is_refused(tmp_path, name):
+    if name.endswith(".safetensors"):
+        pytest.importorskip("safetensors")
+    path = tmp_path / name
+    save_final_model(small_model(), path, step=1, best_loss=1.0)
+    good = path.read_bytes()
+    damaged = {f"byte at {at:.1%}": flipped(good, at) for at in FLIP_AT}
+    damaged |= {"truncated by one byte": good[:-1], "cut in half": good[: len(good) // 2]}
+    for how, data in damaged.items():
+        path.write_bytes(data)
+        with pytest.raises(UserError, match="damaged|truncated or corrupt|not a readable"):
+            load_model(path)
+            pytest.fail(f"{how}: loaded")
+    path.write_bytes(good)
+    assert isinstance(load_model(path), GPT)  # the same bytes, restored, load
+
+
+def test_a_final_model_records_the_run_that_wrote_it(tmp_path, small_corpus):
+    result = train(tiny_config(tmp_path, small_corpus, target_loss=5.0), log=lambda _: None)
+    run = torch.load(result.final_model_path, weights_only=True)["run"]
+    assert run["dir"] == str((tmp_path / "run").resolve()) and len(run["id"]) == 32
+    assert torch.load(result.checkpoint_path, weights_only=True)["run_id"] == run["id"]
+
+
+def test_a_new_run_never_replaces_another_runs_final_model(tmp_path, small_corpus):
+    first = train(tiny_config(tmp_path, small_corpus, target_loss=5.0), log=lambda _: None)
+    before = first.final_model_path.read_bytes()
+    other = tiny_config(tmp_path, small_corpus, target_loss=5.0, run_dir=str(tmp_path / "other"))
+    with pytest.raises(UserError, match=f"{first.final_model_path} holds a final model written by the run in "
+                                        f"{(tmp_path / 'run').resolve()}.*another --out-dir.*--overwrite"):
+        train(other, log=lambda _: None)
+    assert first.final_model_path.read_bytes() == before and not (tmp_path / "other").exists()
+    # --overwrite says that replacing it is meant.
+    second = train(tiny_config(tmp_path, small_corpus, target_loss=5.0, run_dir=str(tmp_path / "other"),
+                               overwrite=True), log=lambda _: None)
+    assert torch.load(second.final_model_path, weights_only=True)["run"]["dir"] == str((tmp_path / "other").resolve())
+
+
+def test_the_run_that_wrote_the_final_model_may_replace_it_when_resumed(tmp_path, small_corpus):
+    first = train(tiny_config(tmp_path, small_corpus, target_loss=5.0), log=lambda _: None)
+    again = train(tiny_config(tmp_path, small_corpus, target_loss=4.0, resume="latest"), log=lambda _: None)
+    assert again.reached_target and again.steps > first.steps
+    saved = torch.load(again.final_model_path, weights_only=True)
+    assert saved["step"] == again.steps and saved["run"]["id"] == torch.load(first.final_model_path.parent / "final_model.pt", weights_only=True)["run"]["id"]

@@ -11,12 +11,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest
 import torch
 import torch.nn.functional as F
+
+# Every test here builds or loads transformers' GPT-2 (pip install 'gpt2train[hf]'); transformers itself
+# requires safetensors, which writing an export needs.
+pytest.importorskip("transformers")
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from conftest import cli, run_cli, snapshot
 from gpt2train import GPT, GPTConfig, generate, get_tokenizer, load_model, train
-from gpt2train.config import resolve_config, resume_changes
-from gpt2train.data import RandomWindowSampler, load_corpus
+from gpt2train.checkpoint import resume_changes
+from gpt2train.config import resolve_config
+from gpt2train.corpus import load_corpus
+from gpt2train.data import RandomWindowSampler
 from gpt2train.errors import UserError
 from gpt2train.final_model import save_final_model
 from gpt2train.hf import export_hf, read_hf_model
@@ -232,8 +238,8 @@ def test_export_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch
 
 def init_from_values(tmp_path, data_dir, hf_dir, **overrides):
     return dict(init_from=str(hf_dir), seq_len=32, batch_size=4, max_steps=3, warmup_steps=1, lr=1e-3,
-                min_lr=1e-4, target_loss=0.0, device="cpu", data=str(data_dir), out_dir=str(tmp_path / "out"),
-                run_dir=str(tmp_path / "run"), **overrides)
+                min_lr=1e-4, target_loss=0.0, device="cpu", dtype="float32", data=str(data_dir),
+                out_dir=str(tmp_path / "out"), run_dir=str(tmp_path / "run"), **overrides)
 
 
 def test_init_from_starts_training_from_the_transformers_weights(tmp_path, small_corpus, hf_model, hf_dir):

@@ -5,16 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, tiny_config
+from conftest import quiet, run_cli, tiny_config
 from gpt2train import train
 from gpt2train.config import resolve_config
 from gpt2train.errors import UserError
 from gpt2train.metrics import read_metrics
 from gpt2train.plot import plot_run
-
-
-def quiet(config):
-    return train(config, log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +56,22 @@ def test_validation_loss_can_be_the_target(tmp_path, small_corpus):
     assert f"Target loss achieved! Best loss: {vals[-1]:.6f}" in lines
 
 
+def test_a_val_target_not_reached_quotes_the_validation_loss(tmp_path, small_corpus):
+    lines = []
+    result = train(tiny_config(tmp_path, small_corpus, target_metric="val", eval_interval=3, max_steps=6,
+                               target_loss=0.001), log=lines.append)
+    vals = [r["val_loss"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    closing = next(line for line in lines if line.startswith("Target loss 0.001 not reached"))
+    assert f"(best validation loss: {min(vals):.6f}," in closing and result.best_loss == min(vals)
+
+
 def test_val_target_without_evaluations_is_refused():
     with pytest.raises(UserError, match="target_metric val needs evaluations"):
         resolve_config(overrides={"target_metric": "val", "eval_interval": 0})
 
 
 def test_loss_png_is_drawn_at_the_end_and_on_demand(run):
+    pytest.importorskip("matplotlib")
     config, _ = run
     assert (Path(config.run_dir) / "loss.png").is_file()  # drawn when the run ended
     png = plot_run(config.run_dir)
@@ -82,6 +88,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(run, monkeypatch):
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path, small_corpus):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     quiet(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0, log_interval=3, tensorboard=True))

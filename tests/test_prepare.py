@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_cli, snapshot
 from gpt2train import prepare
-from gpt2train.data import load_corpus
+from gpt2train.corpus import load_corpus
 from gpt2train.download import cached_path
 from gpt2train.errors import UserError
 from gpt2train.tokenizer import EOT_ID, get_tokenizer
@@ -75,6 +75,8 @@ def test_prepare_writes_shards_that_decode_to_the_input(tmp_path):
 
 def test_every_kind_of_file_gives_the_same_tokens(tmp_path):
     """Three documents as text files, compressed text files, JSON lines (plain, gzip, zstd) and Parquet."""
+    pytest.importorskip("zstandard")
+    pytest.importorskip("pyarrow")
     (tmp_path / "txt").mkdir()
     for i, doc in enumerate(DOCS):
         (tmp_path / "txt" / f"{i}.txt").write_text(doc)
@@ -116,6 +118,7 @@ def test_directories_are_searched_recursively_with_include_and_exclude(tmp_path)
 
 
 def test_json_lines_name_their_text_field(tmp_path):
+    pytest.importorskip("pyarrow")  # the Parquet file at the end
     write_jsonl(tmp_path / "d.jsonl", field="content")
     prepare([str(tmp_path / "d.jsonl")], tmp_path / "out", text_field="content", val_fraction=0)
     assert tokens_of(tmp_path / "out")[0] == expected_tokens()
@@ -270,6 +273,7 @@ def test_a_download_with_the_wrong_checksum_is_refused(server, tmp_path):
 
 
 def test_a_local_dataset_directory_is_read_through_the_datasets_library(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     (tmp_path / "dataset").mkdir()
     write_jsonl(tmp_path / "dataset" / "train.jsonl")
@@ -278,6 +282,7 @@ def test_a_local_dataset_directory_is_read_through_the_datasets_library(tmp_path
 
 
 def test_a_hub_dataset_fails_fast_and_clearly_offline(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")  # hf: sources need it before they look at the network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
         prepare(["hf:someone/some-dataset"], tmp_path / "out")

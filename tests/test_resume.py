@@ -7,20 +7,17 @@ import sys
 
 import pytest
 
-from conftest import TINY_FLAGS, prepare_small_corpus, run_cli, start_and_wait_for, tiny_config
+from conftest import (
+    final_model_without_run,
+    TINY_FLAGS, logged_losses, prepare_small_corpus, quiet, run_cli, start_and_wait_for, tiny_config,
+)
 from gpt2train import train
 from gpt2train.checkpoint import list_checkpoints
 from gpt2train.errors import UserError
 
-STEP = re.compile(r"^step (\d+) \| loss: (\S+) \| best_loss: (\S+) \|", re.MULTILINE)
 # Dropout makes the losses depend on the torch random state too, so resume must restore it.
 RUN_FLAGS = [*TINY_FLAGS, "--dropout", "0.1", "--target-loss", "0.3", "--max-steps", "400", "--log-interval", "1",
              "--checkpoint-interval", "10"]
-
-
-def logged_losses(stdout: str) -> dict[int, tuple[str, str]]:
-    """step -> (loss, best_loss) as printed."""
-    return {int(step): (loss, best) for step, loss, best in STEP.findall(stdout)}
 
 
 def run_args(tmp_path, data):
@@ -34,7 +31,7 @@ def uninterrupted(tmp_path_factory, small_corpus):
     assert result.returncode == 0, result.stdout + result.stderr
     losses = logged_losses(result.stdout)
     assert max(losses) > 30  # long enough to be interrupted after a few checkpoints
-    return losses, (tmp / "out" / "final_model.pt").read_bytes()
+    return losses, final_model_without_run(tmp / "out" / "final_model.pt")
 
 
 def start_gpt2train(args, pattern: str):
@@ -58,7 +55,7 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, small_co
     after = logged_losses(resumed.stdout)
     assert min(after) <= max(before_kill) + 1  # it picked up from a checkpoint, not from step 1
     assert {**before_kill, **after} == expected_losses
-    assert (tmp_path / "out" / "final_model.pt").read_bytes() == expected_model
+    assert final_model_without_run(tmp_path / "out" / "final_model.pt") == expected_model
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_corpus, uninterrupted):
@@ -78,11 +75,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_corpus, un
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{step:08d}.pt'} at step {step}" in resumed.stdout
     assert {**logged_losses("".join(seen) + out), **logged_losses(resumed.stdout)} == expected_losses
-    assert (tmp_path / "out" / "final_model.pt").read_bytes() == expected_model
-
-
-def quiet(config):
-    return train(config, log=lambda _: None)
+    assert final_model_without_run(tmp_path / "out" / "final_model.pt") == expected_model
 
 
 def test_resume_refuses_another_model_shape_or_data_and_reports_safe_changes(tmp_path, small_corpus):

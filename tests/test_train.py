@@ -1,11 +1,13 @@
 import math
 import re
+import time
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import final_model_without_run, tiny_config
 from gpt2train import GPT, GPTConfig, load_model, train
+from gpt2train.train import Trainer
 
 STEP_LINE = re.compile(r"^step \d+ \| loss: \d+\.\d{4} \| best_loss: \d+\.\d{4} \| time: \d+\.\d{2}s$")
 
@@ -166,9 +168,9 @@ def test_the_cli_exit_status_for_a_diverged_run_is_its_own(tmp_path, small_corpu
 
     poison_losses(monkeypatch, bad_calls=set(range(1, 100)))
     with pytest.raises(SystemExit) as exited:
-        main(["train", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-              "--seq-len", "32", "--data", str(small_corpus), "--max-bad-steps", "2", "--run-dir", str(tmp_path / "r"),
-              "--out-dir", str(tmp_path / "o")])
+        main(["train", "--device", "cpu", "--dtype", "float32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+              "--block-size", "32", "--seq-len", "32", "--data", str(small_corpus), "--max-bad-steps", "2",
+              "--run-dir", str(tmp_path / "r"), "--out-dir", str(tmp_path / "o")])
     assert exited.value.code == EXIT_DIVERGED == 4
 
 
@@ -181,3 +183,101 @@ def test_loss_spikes_are_reported():
     events = monitor.observe(41, 5.0, grad_norm=1.0, applied=True)
     assert len(events) == 1 and "loss spike 5.0000" in events[0]
     assert monitor.observe(42, 2.01, grad_norm=1.0, applied=True) == []
+
+
+def test_reading_each_loss_one_step_late_changes_nothing(tmp_path, small_corpus):
+    """The GPU loop reads step k's loss after queuing step k+1; on the CPU, force it and compare."""
+    runs = {}
+    for lag in (0, 1):
+        config = tiny_config(tmp_path / str(lag), small_corpus, target_loss=3.0, dropout=0.1, log_interval=1,
+                             eval_interval=4, checkpoint_interval=10)
+        lines = []
+        trainer = Trainer(config, log=lines.append)
+        trainer.lag = lag
+        result = trainer.run()
+        checkpoint = torch.load(result.checkpoint_path, weights_only=True)
+        runs[lag] = result, [line for line in lines if line.startswith("step ")], checkpoint
+    (a, lines_a, ckpt_a), (b, lines_b, ckpt_b) = runs[0], runs[1]
+    assert a.reached_target and b.reached_target and a.steps == b.steps
+    assert a.losses == b.losses
+    strip_time = [line.rsplit(" | time", 1)[0] for line in lines_a]
+    assert strip_time == [line.rsplit(" | time", 1)[0] for line in lines_b]
+    assert final_model_without_run(tmp_path / "0/out/final_model.pt") == final_model_without_run(tmp_path / "1/out/final_model.pt")
+    # The target step's checkpoint holds the data and random state after that step, not after the
+    # step the late reader had already started.
+    assert ckpt_a["sampler"] == ckpt_b["sampler"]
+    assert torch.equal(ckpt_a["rng"]["torch"], ckpt_b["rng"]["torch"])
+    assert all(torch.equal(ckpt_a["model"][k], ckpt_b["model"][k]) for k in ckpt_a["model"])
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_slow_first_step_gets_an_estimate_within_30_seconds():
+    from gpt2train.train import ESTIMATE_SECONDS, StepClock
+
+    clock = FakeClock()
+    steps = StepClock(first_step=1, clock=clock)
+    clock.now += ESTIMATE_SECONDS - 1
+    assert steps.overdue() is None  # not yet
+    clock.now += 1
+    assert steps.overdue() == ESTIMATE_SECONDS  # the first step has run 30 s: a lower bound, now
+    assert steps.overdue() is None  # said once
+    assert steps.step_done(1, 240.0) is None  # the first step pays for warm-up: not estimated from
+    clock.now += 240
+    assert steps.step_done(2, 200.0) == 200.0  # past 30 s: the measured estimate
+
+
+def test_fast_steps_are_estimated_after_eight_and_never_warned_about():
+    from gpt2train.train import ESTIMATE_STEPS, StepClock
+
+    clock = FakeClock()
+    steps = StepClock(first_step=1, clock=clock)
+    per_step = [steps.step_done(step, 0.1) for step in range(1, ESTIMATE_STEPS + 2)]
+    assert per_step == [None] * ESTIMATE_STEPS + [0.1]
+    clock.now += 60
+    assert steps.overdue() is None  # steps are done: nothing to warn about
+
+
+def test_while_a_slow_first_step_runs_a_watch_prints_a_lower_bound(tmp_path, small_corpus):
+    from gpt2train.train import ESTIMATE_SECONDS, StepClock
+
+    lines = []
+    trainer = Trainer(tiny_config(tmp_path, small_corpus, preset="gpt2", max_steps=20000, warmup_steps=5),
+                      log=lines.append)
+    clock = FakeClock()
+    trainer.clock = StepClock(first_step=1, clock=clock)
+    clock.now += ESTIMATE_SECONDS + 10  # the first step has been running 40 s
+    done = trainer._watch_first_step()
+    for _ in range(50):  # the watch looks once a second
+        if any(line.startswith("estimated") for line in lines):
+            break
+        time.sleep(0.1)
+    done.set()
+    estimate = next(line for line in lines if line.startswith("estimated"))
+    assert estimate.startswith("estimated time to max steps (20,000): more than 9.3 days, at more than 40 s/step")
+    assert "try `--preset tiny`" in estimate
+
+
+def test_the_seeds_lines_are_printed_as_things_happen(tmp_path, small_corpus):
+    final = tmp_path / "out" / "final_model.pt"
+    seen = []
+
+    def log(line):
+        seen.append((line, final.exists(), len(list((tmp_path / "run").glob("checkpoints/*.pt")))))
+
+    result = train(tiny_config(tmp_path, small_corpus, target_loss=5.0), log=log)
+    assert result.reached_target
+    closing = [(line.split("!")[0].split(":")[0], exists, checkpoints) for line, exists, checkpoints in seen
+               if line.startswith(("Target loss achieved", "Final model saved at", "Training completed"))]
+    assert closing == [
+        ("Target loss achieved", False, 0),  # when the step is read, before anything is written
+        ("Final model saved at", True, 0),  # once the final model is written
+        ("Training completed. Best loss", True, 0),  # the checkpoint comes after the seed's lines
+    ]
+    assert result.checkpoint_path.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import signal
 import sys
 import traceback
@@ -201,17 +202,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import find_checkpoint, read_checkpoint, run_dir_of
     from .train import DIVERGED, INTERRUPTED, MAX_STEPS, train
 
-    overrides = {name: getattr(args, name) for name in field_types()}
-    config = resolve_config(args.config, overrides)
-    if config.resume:
-        # Continue from the checkpoint's own config: only what is set now changes it.
-        path = find_checkpoint(config.resume, config.run_dir)
-        base = {**read_checkpoint(path, mmap=True)["config"], "run_dir": str(run_dir_of(path))}
-        config = resolve_config(args.config, {**overrides, "resume": str(path)}, base=base)
-    result = train(config)
+    result = train(resolve_config(args.config, {name: getattr(args, name) for name in field_types()}))
     if result.status == INTERRUPTED:
         return 128 + result.signal_number
     return {MAX_STEPS: EXIT_TARGET_NOT_REACHED, DIVERGED: EXIT_DIVERGED}.get(result.status, 0)
@@ -256,7 +249,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import load_corpus
+    from .corpus import load_corpus
     from .evaluate import evaluate
     from .final_model import load_model
     from .runtime import resolve_device, resolve_dtype
@@ -287,6 +280,9 @@ def cmd_eval(args) -> int:
                       progress=progress)
     if sys.stderr.isatty():
         print(file=sys.stderr)
+    if not math.isfinite(result.loss):
+        raise UserError(f"{args.model} computes a non-finite loss ({result.loss}) on {source}: its weights hold "
+                        "non-finite values; use another model file")
     print(f"data: {source} | tokens: {result.tokens:,} | bytes: {result.bytes:,}")
     print(f"val loss: {result.loss:.4f} | perplexity: {result.perplexity:.2f} | bits per byte: {result.bits_per_byte:.4f}")
     return 0
@@ -325,7 +321,7 @@ def cmd_bench(args) -> int:
     if args.variant:
         results = [run_variant(config, args.variant, args.steps, args.warmup)]
     else:
-        variants = ["gpt2train"]
+        variants = ["gpt2train"] + (["compiled"] if device.type == "cuda" else [])
         if args.compare_eager:
             variants += ["eager-fp32", "eager-bf16"] if device.type == "cpu" else ["eager"]
         with tempfile.TemporaryDirectory() as tmp:

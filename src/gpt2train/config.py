@@ -75,6 +75,9 @@ class TrainConfig:
     resume: str = _opt("", "continue a run: 'latest' (the newest checkpoint in run_dir), a checkpoint file or a run directory", CHECKPOINTS)
     overwrite: bool = _opt(False, "start a new run in a run_dir that holds an earlier run's checkpoints, deleting them", CHECKPOINTS)
     max_bad_steps: int = _opt(10, "stop after this many steps in a row with a non-finite loss or gradient", CHECKPOINTS)
+    # The settings given explicitly (config file and overrides, not the preset's): what a resumed
+    # run applies on top of its checkpoint's config.
+    chosen: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.run_dir:
@@ -87,13 +90,15 @@ class TrainConfig:
 
     def to_flat_dict(self) -> dict:
         """One level of keys, as in a config file: model fields beside the run fields."""
-        flat = {k: v for k, v in asdict(self).items() if k != "model"}
+        flat = {k: v for k, v in asdict(self).items() if k not in ("model", "chosen")}
         flat.update(self.model.to_dict())
         return flat
 
 
 MODEL_FIELDS = {f.name: f for f in fields(GPTConfig)}
-RUN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "model"}
+RUN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name not in ("model", "chosen")}
+# Keys that say how to start a run rather than what the run is: never saved or compared.
+ONE_OFF_KEYS = ("resume", "overwrite")
 MODEL_HELP = {
     "block_size": "longest context the model can see (size of the position table)",
     "vocab_size": "output vocabulary; at least GPT-2's 50,257, padded for speed",
@@ -163,7 +168,7 @@ def to_toml(config: TrainConfig) -> str:
     """The config as a flat TOML file that `--config` reads back (without the one-off resume/overwrite)."""
     lines = []
     for key, value in config.to_flat_dict().items():
-        if key in RESUME_IGNORED_KEYS or value is None:  # TOML has no null: unset means the default
+        if key in ONE_OFF_KEYS or value is None:  # TOML has no null: unset means the default
             continue
         if isinstance(value, bool):
             text = "true" if value else "false"
@@ -207,11 +212,15 @@ def resolve_config(
         preset = chosen.get("preset", "gpt2")
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
-        values = {**PRESETS[preset], **chosen, "preset": preset}
+        preset_values = dict(PRESETS[preset])
+        if chosen.get("data"):
+            # A preset's slice of the built-in corpus never shrinks the user's own data.
+            preset_values.pop("train_tokens", None)
+        values = {**preset_values, **chosen, "preset": preset}
         if values.get("init_from"):
             values.update(_shape_of(values["init_from"], chosen))
     model = GPTConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
-    config = TrainConfig(model=model, **{k: v for k, v in values.items() if k in RUN_FIELDS})
+    config = TrainConfig(model=model, chosen=chosen, **{k: v for k, v in values.items() if k in RUN_FIELDS})
     validate(config)
     # A warmup longer than the run is a contradiction only when both were chosen; a short test
     # run with the preset's warmup (--max-steps 1) simply ends inside the warmup.
@@ -280,33 +289,3 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"invalid configuration: {message}")
-
-
-# What a resumed run may not change: the model's shape and the data it sees. Everything else
-# (max_steps, target_loss, log_interval, lr, ...) may be changed and is reported.
-RESUME_LOCKED_KEYS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
-                      "data", "train_tokens", "sampling", "batch_size", "grad_accum", "seq_len", "seed",
-                      "init_from")
-# Keys that say how to start rather than what the run is: never compared.
-RESUME_IGNORED_KEYS = ("resume", "overwrite")
-
-
-def resume_changes(saved: dict, config: TrainConfig) -> list[str]:
-    """The safe differences between a checkpoint's config and `config`, one line each.
-
-    A locked difference raises UserError: resuming would silently become another run.
-    """
-    now = config.to_flat_dict()
-    # A key added after the checkpoint was written had its default then.
-    saved = {**{name: f.default for name, f in RUN_FIELDS.items()}, **saved}
-    changes = []
-    for key in sorted(set(saved) | set(now)):
-        if key in RESUME_IGNORED_KEYS or saved.get(key) == now.get(key):
-            continue
-        if key in RESUME_LOCKED_KEYS:
-            raise UserError(
-                f"cannot resume with {key}={now.get(key)!r}: the checkpoint was trained with {key}={saved.get(key)!r}; "
-                f"drop that setting to continue the run, or start a new one with another --run-dir"
-            )
-        changes.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
-    return changes

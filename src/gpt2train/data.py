@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -84,6 +83,9 @@ def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a prepared directory, checked for the fields the loader relies on."""
     path = Path(data_dir)
     fix = f"run `gpt2train prepare ... --out {path}`"
+    if path.is_file():
+        raise UserError(f"{path} is a file, and --data takes a directory written by `gpt2train prepare`: "
+                        f"run `gpt2train prepare {path} --out DIR`, then train with --data DIR")
     if not path.is_dir():
         raise UserError(f"data directory {path} does not exist: {fix}")
     try:
@@ -178,25 +180,6 @@ class TokenSource:
             length -= len(views[-1])
             i, offset = i + 1, 0
         return views
-
-
-@dataclass
-class Corpus:
-    train: TokenSource
-    val: TokenSource
-    source: str
-    text_sha256: str  # identifies the text, so a resumed run can tell that its data changed
-
-
-def load_corpus(data_dir: str = "") -> Corpus:
-    """A prepared directory's splits by memory map, or the built-in corpus tokenized in memory."""
-    if not data_dir:
-        from .prepare import tokenize_builtin  # prepare writes this module's format: import it late
-
-        return tokenize_builtin()
-    manifest = read_manifest(data_dir)
-    train, val = (read_split(data_dir, manifest, split) for split in SPLITS)
-    return Corpus(train, val, str(Path(data_dir)), str(manifest.get("text_sha256", "")))
 
 
 class Sampler(Protocol):

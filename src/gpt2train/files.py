@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 import torch
 
+from .checksum import archive_sealed
 from .errors import UserError
 
 
@@ -117,14 +118,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_weights_only(path: str | Path, what: str, mmap: bool = False):
+def load_weights_only(path: str | Path, what: str, mmap: bool = False, damaged_fix: str = "",
+                      sealed_versions: tuple[int, ...] = ()):
     """torch.load that never runs code from the file; every failure is one UserError line.
 
-    `what` names the file in messages ("checkpoint", "model file").
+    `what` names the file in messages ("checkpoint", "model file"). With `damaged_fix`, the file's
+    bytes are first checked against the checksum it carries, and a file whose format_version is
+    one of `sealed_versions` must carry one.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist: check the path")
+    sealed = archive_sealed(path) if damaged_fix else None
+    if sealed is False:
+        raise UserError(f"{path} is damaged: its bytes do not match the checksum it was saved with: {damaged_fix}")
+    contents = _torch_load(path, what, mmap)
+    version = contents.get("format_version") if isinstance(contents, dict) else None
+    if damaged_fix and sealed is None and version in sealed_versions:
+        raise UserError(f"{path} carries no checksum, so it cannot be checked for damage (a gpt2train {what} "
+                        f"carries one): {damaged_fix}")
+    return contents
+
+
+def _torch_load(path: Path, what: str, mmap: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:

@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from .errors import UserError
 from .files import atomic_write_dir, load_weights_only
-from .final_model import import_safetensors
-from .model import GPT, GPTConfig
+from .model import GPT, TIED_WEIGHTS, GPTConfig
+from .optional import require_safetensors
 from .tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB_SIZE, bpe_files
 
 # transformers keeps these four projections in Conv1D modules, whose weight is (in, out): the
@@ -24,7 +24,7 @@ CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weigh
 # Causal-mask buffers that older transformers versions saved beside the weights; not parameters.
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 PREFIX = "transformer."  # GPT2LMHeadModel's keys have it; GPT2Model's (and OpenAI's gpt2 repo) do not
-TOKEN_EMBEDDING, OUTPUT_HEAD = "transformer.wte.weight", "lm_head.weight"
+(OUTPUT_HEAD, TOKEN_EMBEDDING), = TIED_WEIGHTS.items()
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which model.py uses
 # The names transformers gives GPT-2's tanh approximation of GELU (model.py's activation).
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
@@ -39,7 +39,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _safetensors():
-    return import_safetensors("Hugging Face interchange", "hf")
+    return require_safetensors("Hugging Face interchange", "hf")
 
 
 def export_hf(model: GPT, out_dir: str | Path, trim_vocab: bool = False, overwrite: bool = False) -> Path:

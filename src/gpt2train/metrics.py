@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import TrainConfig, to_toml
 from .errors import UserError
 from .files import atomic_write
+from .optional import require
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -64,18 +65,12 @@ class RunRecorder:
 
 
 def _tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: pip install 'gpt2train[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    tensorboard = require("torch.utils.tensorboard", "--tensorboard", "tensorboard", needs="the tensorboard package")
+    return tensorboard.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _wandb_run(config: TrainConfig):
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package: pip install 'gpt2train[wandb]', then `wandb login`") from None
+    wandb = require("wandb", "--wandb", "wandb", then=", then `wandb login`")
     # One W&B run per run directory, so that a resumed run continues its W&B run.
     run_id = hashlib.sha256(str(Path(config.run_dir).resolve()).encode()).hexdigest()[:16]
     return wandb.init(project=config.wandb_project, name=Path(config.run_dir).name, id=run_id, resume="allow",

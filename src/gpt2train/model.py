@@ -10,6 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The output head is the token embedding (tied weights): one tensor under two names. Files store it
+# once, under the embedding's name.
+TIED_WEIGHTS = {"lm_head.weight": "transformer.wte.weight"}
+
 
 @dataclass
 class GPTConfig:
@@ -147,6 +151,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules worth distributing one at a time (the transformer blocks)."""
+        return list(self.transformer.h)
 
     def num_params(self) -> int:
         """Parameter count with the tied embedding counted once."""

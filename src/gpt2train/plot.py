@@ -8,6 +8,7 @@ from .config import load_toml
 from .errors import UserError
 from .files import atomic_write
 from .metrics import CONFIG_FILE, read_metrics
+from .optional import require
 
 PLOT_FILE = "loss.png"
 
@@ -17,27 +18,28 @@ def plot_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     config = load_toml(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("drawing loss.png needs matplotlib: pip install 'gpt2train[plot]'") from None
+    matplotlib = require("matplotlib", "drawing loss.png", "plot", needs="matplotlib")
+    matplotlib.use("Agg")  # files only: no display needed
+    plt = require("matplotlib.pyplot", "drawing loss.png", "plot", needs="matplotlib")
 
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train and not val:
         raise UserError(f"{run_dir} has no losses recorded yet: plot it after its first logged step")
     fig, ax = plt.subplots(figsize=(8, 5))
+    curves = {}
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
+        curves["train"] = ax.plot(*zip(*train), label="train loss", linewidth=1)[0]
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", markersize=3)
+        curves["val"] = ax.plot(*zip(*val), "o-", label="validation loss", markersize=3)[0]
     target = config.get("target_loss")
     if target:
-        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
-        metric = val if config.get("target_metric") == "val" else train
+        # The target line takes the colour of the curve it applies to.
+        on = "val" if config.get("target_metric") == "val" else "train"
+        color = curves[on].get_color() if on in curves else "gray"
+        ax.axhline(target, color=color, linestyle="--", linewidth=1,
+                   label=f"target {target} ({'validation' if on == 'val' else 'train'} loss)")
+        metric = val if on == "val" else train
         reached = next((step for step, loss in metric if loss < target), None)
         if reached is not None:
             ax.axvline(reached, color="green", linestyle=":", linewidth=1, label=f"target reached at step {reached:,}")

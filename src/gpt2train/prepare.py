@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from .data import (
-    HEADER, LEGACY_FILES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS, TOKEN_DTYPE, Corpus,
-    TokenSource, shard_name, token_header,
+    HEADER, LEGACY_FILES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS, TOKEN_DTYPE, shard_name,
+    token_header,
 )
 from .download import file_sha256
 from .errors import UserError
 from .files import atomic_write, check_writable_dir
 from .progress import Progress
 from .sources import (
-    BUILTIN_NAME, DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, Fragment, Source, builtin_source, resolve_sources,
+    BUILTIN_NAME, DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, Fragment, Source, resolve_sources,
 )
 from .tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB_SIZE, TOKENIZER_NAME, get_tokenizer
 
@@ -309,14 +309,6 @@ def tokenize(sources: list[Source], sinks: dict, val_fraction: float, workers: i
     if val_fraction > 0 and not sinks["val"].tokens:
         sinks["val"].write(sinks["train"].take_tail(max(1, int(sinks["train"].tokens * val_fraction))))
     return Tokenized(documents, digest.hexdigest())
-
-
-def tokenize_builtin() -> Corpus:
-    """The built-in corpus, split and tokenized in memory: what training uses when given no --data."""
-    sinks = {split: MemorySink() for split in SPLITS}
-    tokenized = tokenize([builtin_source()], sinks, DEFAULT_VAL_FRACTION, default_workers())
-    train, val = (TokenSource([sinks[split].array()]) for split in SPLITS)
-    return Corpus(train, val, BUILTIN_NAME, tokenized.text_sha256)
 
 
 def tokenize_inputs(inputs: list[str]) -> np.ndarray:

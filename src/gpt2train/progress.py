@@ -1,11 +1,21 @@
-"""One status line on stderr, redrawn in place, for long steps such as prepare and downloads."""
+"""One status line on stderr, redrawn in place, for long steps such as prepare and downloads, and
+durations written for people (`format_duration`)."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from .train import format_duration
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: "45 s", "12.5 min", "3.2 h", "4.1 days"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 class Progress:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .errors import UserError
 from .model import GPT, KVCache
 from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE
 
@@ -20,6 +21,10 @@ def pick_token(
     """The next token from one position's logits. temperature 0 means the likeliest token."""
     # The padded vocabulary slots beyond GPT-2's 50,257 are never real tokens.
     logits = logits[:GPT2_VOCAB_SIZE].float()
+    # -inf is a token ruled out; NaN, +inf or nothing left to pick means the weights are not finite.
+    if torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all():
+        raise UserError("the model computed non-finite logits (NaN or infinity): its weights are damaged or "
+                        "diverged; use another model file")
     if temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / temperature

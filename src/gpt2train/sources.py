@@ -6,7 +6,6 @@ from __future__ import annotations
 import fnmatch
 import glob
 import gzip
-import importlib
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .download import download
 from .errors import UserError
+from .optional import require
 
 BUILTIN_NAME = "builtin:pydoc_data.topics"
 DEFAULT_TEXT_FIELD = "text"
@@ -115,22 +115,13 @@ def file_source(path: Path, text_field: str = DEFAULT_TEXT_FIELD, name: str | No
     except OSError as e:
         raise UserError(f"cannot read {name}: {e.strerror}") from None
     if kind == ".parquet" and not compression:
-        _require("pyarrow.parquet", "parquet", "Parquet files")
+        require("pyarrow.parquet", "reading Parquet files", "parquet")
         return Source(size, lambda: _read_parquet(path, name, size, text_field))
     if compression == ".zst":
-        _require("zstandard", "zstd", "zstd-compressed files")
+        require("zstandard", "reading zstd-compressed files", "zstd")
     if kind in JSON_LINES_SUFFIXES:
         return Source(size, lambda: _read_json_lines(path, name, compression, text_field))
     return Source(size, lambda: _read_text(path, name, compression))
-
-
-def _require(module: str, extra: str, what: str):
-    """An optional dependency, or a UserError that says how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"reading {what} needs the {module.split('.')[0]} package: "
-                        f"pip install 'gpt2train[{extra}]'") from None
 
 
 class _Reading:
@@ -150,7 +141,7 @@ class _Reading:
             self.stream = gzip.GzipFile(fileobj=self.raw)
             self.damage = (OSError, EOFError, zlib.error)
         elif compression == ".zst":
-            zstandard = _require("zstandard", "zstd", "zstd-compressed files")
+            zstandard = require("zstandard", "reading zstd-compressed files", "zstd")
             self.stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(self.raw, read_across_frames=True))
             self.damage = (OSError, zstandard.ZstdError)
 
@@ -207,7 +198,7 @@ def _text_of(record, text_field: str, where: str) -> str:
 
 
 def _read_parquet(path: Path, name: str, size: int, text_field: str) -> Iterator[Fragment]:
-    parquet = _require("pyarrow.parquet", "parquet", "Parquet files")
+    parquet = require("pyarrow.parquet", "reading Parquet files", "parquet")
     try:
         table = parquet.ParquetFile(path)
     except Exception as e:  # pyarrow reports damage as its own ArrowInvalid and as OSError
@@ -234,7 +225,7 @@ def hf_source(spec: str, split: str = DEFAULT_HF_SPLIT, text_field: str = DEFAUL
     name, _, config = spec[len("hf:"):].partition(":")
     if not name:
         raise UserError(f"'{spec}' names no dataset: write hf:NAME or hf:NAME:CONFIG")
-    datasets = _require("datasets", "datasets", "Hugging Face datasets")
+    datasets = require("datasets", "reading Hugging Face datasets", "datasets")
     if not Path(name).exists():
         _check_hub_reachable(spec)
     try:

@@ -1,35 +1,37 @@
-"""One training step, the hot path: forward and backward over the micro-batches, then the guarded
-optimizer update; on one device or many (DDP by default, FSDP2 on request).
+"""The training step, the hot path: forward and backward over the micro-batches, then the guarded
+optimizer update; and the pipeline that runs steps one after another.
 
-The two halves are separate so that on a GPU the training loop can queue the next step's forward
-and backward before it reads the previous step's loss: nothing in a step makes the host wait for
-the device. Non-finite gradients are caught on the device too: the gradient scaler skips such an
-update without the host having to look at it first.
+The two halves are separate so that on a GPU the pipeline queues the next step's forward and
+backward before it reads the previous step's loss: nothing in a step makes the host wait for the
+device. Non-finite gradients are caught on the device too: the gradient scaler skips such an
+update without the host having to look at it first. The model arrives already compiled and
+wrapped for DDP or FSDP (parallel.py); the step only calls it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
+import torch.nn as nn
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .distributed import World
-from .errors import UserError
-from .model import GPT
-from .optim import build_optimizer
 from .runtime import autocast
 
-# The flags any rank can raise for a step; they travel, summed over ranks, with the step's numbers,
-# so that every rank takes the same decision at the same step.
-STOP, CHECKPOINT = 0, 1
+Batches = list[tuple[torch.Tensor, torch.Tensor]]  # one (inputs, targets) per micro-step
+
+
+@dataclass(frozen=True)
+class Flags:
+    """What any rank can raise for a step; summed over the ranks with the step's numbers, so that
+    every rank takes the same decision at the same step."""
+
+    stop: bool = False  # a stop signal (SIGINT or SIGTERM) arrived
+    checkpoint: bool = False  # rank 0 wants a checkpoint after this step
 
 
 @dataclass
@@ -39,7 +41,7 @@ class StepResult:
     loss: float  # averaged over the micro-batches and the ranks
     grad_norm: float
     applied: bool  # False when the loss or gradients were not finite and the update was skipped
-    stop: bool  # some rank was asked to stop (SIGINT or SIGTERM)
+    stop: bool  # some rank was asked to stop
     checkpoint: bool  # rank 0 wants a checkpoint after this step
 
 
@@ -50,6 +52,7 @@ class PendingStep:
         self.step = step
         self.loss = loss  # detached, on the device
         self.position = position  # data and random state from before this step, to rewind to if it is dropped
+        self.queued_after: PendingStep | None = None  # the step launched before this one was read
         self._host: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
 
@@ -70,31 +73,20 @@ class PendingStep:
 
 
 class Stepper:
-    """Runs training steps of `model`: its optimizer, precision, and its share of the world's work."""
+    """Runs training steps of `model` through `forward` (the model, or its compiled or DDP wrapper)."""
 
-    def __init__(self, model: GPT, lr: float, weight_decay: float, device: torch.device, dtype: torch.dtype,
-                 grad_clip: float, compile: bool = False, world: World = World(), fsdp: bool = False):
-        self.model = model
-        self.device, self.dtype, self.world = device, dtype, world
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype,
+                 grad_clip: float, forward: nn.Module | None = None, world: World = World(), sharded: bool = False):
+        self.model, self.optimizer = model, optimizer
+        self.forward = forward if forward is not None else model
+        self.device, self.dtype, self.world, self.sharded = device, dtype, world, sharded
         self.grad_clip = grad_clip
-        self.sharded = fsdp and world.distributed
-        if self.sharded:
-            if dtype == torch.float16:
-                raise UserError("--fsdp trains in bf16 or fp32, not fp16: use --dtype bfloat16")
-            for block in model.transformer.h:  # each block's weights are gathered only while it runs
-                fully_shard(block)
-            fully_shard(model)
-        self.optimizer = build_optimizer(model, lr, weight_decay)  # after sharding: over the shards
-        forward = torch.compile(model) if compile else model  # shares the model's parameters
-        if world.distributed and not self.sharded:
-            forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-        self.forward = forward
         # fp16 gradients underflow without loss scaling; bf16 and fp32 keep the scale at 1, where
         # scaling changes nothing, and use the scaler only for its on-device skip of non-finite steps.
         self.loss_scaling = dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if self.loss_scaling else 1.0)
 
-    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward_backward(self, batches: Batches) -> torch.Tensor:
         """Gradients of the mean loss over the micro-batches, accumulated into .grad; returns that loss.
 
         Gradients are reduced over the ranks once, after the last micro-batch.
@@ -115,7 +107,7 @@ class Stepper:
             return _restore_gradient_sync(self.model)
         return self.forward.no_sync()
 
-    def update(self, lr: float, loss: torch.Tensor, flags: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+    def update(self, lr: float, loss: torch.Tensor, flags: Flags = Flags()) -> torch.Tensor:
         """Clip, step and clear the gradients. Returns [loss, gradient norm, applied, stop, checkpoint]
         on the device, the loss averaged and the flags summed over all ranks."""
         for group in self.optimizer.param_groups:
@@ -139,11 +131,12 @@ class Stepper:
             self.scaler.update(None if self.loss_scaling else 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         # Built on the device: a tensor made from host values would be a blocking copy on a GPU.
-        shared = torch.zeros(1 + len(flags), device=self.device)
+        shared = torch.zeros(3, device=self.device)
         shared[0] = loss
-        for i, raised in enumerate(flags, start=1):
-            if raised:
-                shared[i] = 1.0
+        if flags.stop:
+            shared[1] = 1.0
+        if flags.checkpoint:
+            shared[2] = 1.0
         distributed.sum_(shared, self.world)
         return torch.stack([shared[0] / self.world.size, grad_norm.float(), applied.float(), shared[1], shared[2]])
 
@@ -151,22 +144,28 @@ class Stepper:
         """Drop gradients that were computed but will not be applied."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    def state_dicts(self) -> tuple[dict, dict]:
-        """The full model weights (fp32, on the CPU, no wrapper prefixes) and optimizer state keyed by
-        parameter name. A collective: every rank calls it; with FSDP only rank 0 gets the contents."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.model, options=options)
-        if "lm_head.weight" in model_state:  # tied: one tensor, so that it is saved once
-            model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
-        return model_state, get_optimizer_state_dict(self.model, self.optimizer, options=options)
+    def run(self, first: int, last: int, draw: Callable[[int], tuple[dict | None, Batches]],
+            lr: Callable[[int], float], flags: Callable[[int], Flags], lag: int) -> Iterator[PendingStep]:
+        """Run steps first..last, yielding each once its update is queued; `.result()` reads it.
 
-    def load_state_dicts(self, model_state: dict, optimizer_state: dict) -> None:
-        """Load what state_dicts() gave; the learning rate and weight decay stay this run's own."""
-        weight_decay = [group["weight_decay"] for group in self.optimizer.param_groups]
-        set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True))
-        for group, decay in zip(self.optimizer.param_groups, weight_decay):
-            group["weight_decay"] = decay
+        `draw(step)` gives (the data position before the step, its micro-batches). With lag 1 the
+        next step's forward and backward are queued before a step is yielded (its `queued_after`):
+        a caller that stops there must call `discard()`, and resumes from that step's position.
+        """
+        in_flight: PendingStep | None = None
+        for step in range(first, last + 1):
+            position, batches = draw(step)
+            launched = PendingStep(step, self.forward_backward(batches), position)
+            if in_flight is not None:
+                in_flight.queued_after = launched
+                yield in_flight
+            launched.record(self.update(lr(step), launched.loss, flags(step)))
+            in_flight = launched
+            if lag == 0:
+                yield in_flight
+                in_flight = None
+        if in_flight is not None:
+            yield in_flight
 
     def scaler_state(self) -> dict:
         return self.scaler.state_dict() if self.loss_scaling else {}

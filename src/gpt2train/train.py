@@ -1,10 +1,12 @@
-"""The training loop: steps, the target check, the seed's log lines, checkpoints and resume."""
+"""The training loop: set-up, the steps, and what each step's numbers decide: the log lines, the
+target, checkpoints, and the end of the run."""
 
 from __future__ import annotations
 
 import math
 import signal
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -14,37 +16,34 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import (
-    checkpoint_path, delete_checkpoints, find_checkpoint, latest_checkpoint, read_checkpoint, run_dir_of,
-    save_checkpoint,
-)
-from .config import TrainConfig, resume_changes
-from .data import SAMPLERS, Corpus, Sampler, load_corpus
+from .checkpoint import MAX_STEPS, TARGET_REACHED, RunState, clear_earlier_run, latest_checkpoint, start_run
+from .config import TrainConfig
+from .corpus import Corpus, load_corpus
+from .data import SAMPLERS
 from .distributed import World, world_from_env
 from .errors import UserError
 from .evaluate import EvalResult, evaluate
-from .files import check_writable_dir
 from .final_model import final_model_path, save_final_model
 from .hf import read_hf_model
 from .metrics import RunRecorder
 from .model import GPT
-from .optim import lr_at
+from .optim import build_optimizer, lr_at
+from .parallel import parallelize
 from .plot import plot_run
 from .prefetch import Prefetcher
+from .progress import format_duration
 from .runtime import (
-    StopRequests, configure_backends, dtype_name, resolve_device, resolve_dtype, restore_rng_state, rng_state,
-    seed_everything, use_compile,
+    StopRequests, configure_backends, dtype_name, resolve_device, resolve_dtype, seed_everything, use_compile,
 )
-from .step import PendingStep, Stepper
+from .step import Batches, Flags, PendingStep, Stepper, StepResult
 
-# How a run ended (TrainResult.status).
-TARGET_REACHED = "target_reached"
-MAX_STEPS = "max_steps"
+# How a run ended (TrainResult.status); the checkpoint records the first two.
 INTERRUPTED = "interrupted"
 DIVERGED = "diverged"
 
 # The time-to-max-steps estimate is the median step time after the first step (which pays for
-# warm-up), printed once ESTIMATE_STEPS steps are timed or, for slow steps, ESTIMATE_SECONDS have passed.
+# warm-up), printed once ESTIMATE_STEPS steps are timed or, for slow steps, ESTIMATE_SECONDS have
+# passed. A first step still running after ESTIMATE_SECONDS gets a lower bound printed at once.
 ESTIMATE_STEPS = 8
 ESTIMATE_SECONDS = 30.0
 # With checkpoint_interval 0, checkpoints are spaced to about this much training time.
@@ -57,11 +56,15 @@ def print_flush(line: str) -> None:
     print(line, flush=True)
 
 
+def quiet(line: str) -> None:
+    """The log of ranks other than 0."""
+
+
 @dataclass
 class TrainResult:
     status: str  # TARGET_REACHED, MAX_STEPS, INTERRUPTED or DIVERGED
     steps: int  # the last step run
-    best_loss: float
+    best_loss: float  # of the loss the target applies to
     final_model_path: Path | None  # set when the target was reached
     checkpoint_path: Path | None  # the newest checkpoint written
     model: GPT
@@ -75,16 +78,6 @@ class TrainResult:
 
 def format_step_line(step: int, loss: float, best_loss: float, seconds: float) -> str:
     return f"step {step} | loss: {loss:.4f} | best_loss: {best_loss:.4f} | time: {seconds:.2f}s"
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 class LossMonitor:
@@ -136,88 +129,51 @@ class LossMonitor:
         self.recent = deque(state["recent"], maxlen=self.WINDOW)
 
 
-def _data_identity(corpus: Corpus, train_tokens: int) -> dict:
-    return {"source": corpus.source, "text_sha256": corpus.text_sha256, "train_tokens": train_tokens}
+class StepClock:
+    """Times the steps, and says once how long the run will take: the median step time after the
+    first (which pays for warm-up), once ESTIMATE_STEPS steps are timed or ESTIMATE_SECONDS have
+    passed; and, when the first step alone runs past ESTIMATE_SECONDS, a lower bound at that moment
+    (`overdue`, which a watch thread polls while the loop is busy in the step)."""
 
+    def __init__(self, first_step: int, clock: Callable[[], float] = time.perf_counter):
+        self.first_step, self.clock = first_step, clock
+        self.started = self.last = clock()
+        self.times: list[float] = []
+        self.steps_done = 0
+        self.estimated = self.warned = False
+        self._lock = threading.Lock()  # the watch thread and the loop both decide what to say
 
-def _checkpoint_to_resume(config: TrainConfig, world: World) -> tuple[Path, dict, list[str]] | None:
-    """(path, contents, changed settings) of the checkpoint to resume, or None for a new run.
+    def start(self) -> None:
+        self.started = self.last = self.clock()
 
-    A new run never silently replaces an earlier run's checkpoints. Every rank reads the
-    checkpoint itself: the run directory must be where every node sees it.
-    """
-    if not config.resume:
-        existing = latest_checkpoint(config.run_dir)
-        if existing is not None:
-            if not config.overwrite:
-                raise UserError(
-                    f"{config.run_dir} holds checkpoints of an earlier run (latest: {existing.name}): continue it "
-                    "with --resume, start over with --overwrite (deletes them), or choose another --run-dir"
-                )
-            distributed.barrier(world)  # every rank has looked before rank 0 deletes
-            if world.is_main:
-                delete_checkpoints(config.run_dir)
-        return None
-    path = find_checkpoint(config.resume, config.run_dir)
-    saved = read_checkpoint(path)
-    changes = resume_changes(saved["config"], config)
-    step = saved["step"]
-    if step >= config.max_steps:
-        raise UserError(f"{path} is at step {step}, and max_steps is {config.max_steps}: raise --max-steps to continue")
-    if saved.get("finished") == TARGET_REACHED and saved["config"]["target_loss"] == config.target_loss:
-        raise UserError(
-            f"the run in {run_dir_of(path)} already reached its target loss at step {step}: lower --target-loss "
-            "to train it further"
-        )
-    return path, saved, changes
+    def lap(self) -> float:
+        """Seconds since the previous step was read (or the loop started)."""
+        now = self.clock()
+        seconds, self.last = now - self.last, now
+        return seconds
 
+    def step_done(self, step: int, seconds: float) -> float | None:
+        """Record a finished step; the seconds per step to estimate from, the first time it is due."""
+        with self._lock:
+            self.steps_done += 1
+            if self.estimated:
+                return None
+            if step > self.first_step:
+                self.times.append(seconds)
+            due = len(self.times) >= ESTIMATE_STEPS or (self.times and self.clock() - self.started >= ESTIMATE_SECONDS)
+            if not due:
+                return None
+            self.estimated = True
+            return statistics.median(self.times)
 
-def _restore(saved: dict, stepper: Stepper, sampler: Sampler, monitor: LossMonitor, data: dict, path: Path,
-             world: World) -> None:
-    if saved["data"] != data:
-        raise UserError(
-            f"the training data differs from the one {path} was trained on ({saved['data']['source']}, "
-            f"{saved['data']['train_tokens']:,} tokens): resume with the same data, or start a new run"
-        )
-    try:
-        stepper.load_state_dicts(saved["model"], saved["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}): is it from another run?") from None
-    stepper.load_scaler_state(saved["scaler"])
-    # Each rank goes on from its own position; with another world size, all from rank 0's.
-    others = saved.get("other_ranks", [])
-    position = others[world.rank - 1] if world.rank > 0 and len(others) == world.size - 1 else saved
-    sampler.load_state_dict(position["sampler"])
-    monitor.load_state_dict(saved["monitor"])
-    restore_rng_state(position["rng"])  # last: building the model above drew from the generators
-
-
-def _header(config: TrainConfig, model: GPT, device, dtype, corpus: Corpus, train_tokens: int, world: World) -> list[str]:
-    m = config.model
-    batch = f"{config.batch_size} x {config.seq_len}"
-    if config.grad_accum > 1:
-        batch += f" x {config.grad_accum} micro-steps"
-    if world.distributed:
-        batch += f" x {world.size} ranks{' (FSDP)' if config.fsdp else ''}"
-    return [
-        f"device: {device} | dtype: {dtype_name(dtype)} | parameters: {model.num_params():,}",
-        f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, vocab {m.vocab_size:,}",
-        f"data: {corpus.source} | train tokens: {train_tokens:,} | val tokens: {len(corpus.val):,}",
-        f"tokens per step: {config.tokens_per_step * world.size:,} ({batch}) | "
-        f"lr {config.lr:g} -> {config.min_lr:g}, warmup {config.warmup_steps:,}, max steps {config.max_steps:,} | "
-        f"target loss {config.target_loss}",
-    ]
-
-
-def _estimate_line(config: TrainConfig, device: torch.device, per_step: float, step: int) -> str:
-    total = per_step * (config.max_steps - step)
-    line = (
-        f"estimated time to max steps ({config.max_steps:,}): {format_duration(total)} more at {per_step:.2f} s/step "
-        f"(less if the target is reached first)"
-    )
-    if device.type == "cpu" and config.preset != "tiny" and total > 3600:
-        line += "; this model is too large for a CPU run, try `--preset tiny` for one that finishes in minutes"
-    return line
+    def overdue(self) -> float | None:
+        """How long the first step has been running, once that is past ESTIMATE_SECONDS (said once)."""
+        with self._lock:
+            elapsed = self.clock() - self.started
+            if self.steps_done or self.warned or elapsed < ESTIMATE_SECONDS:
+                return None
+            self.warned = True
+            return elapsed
 
 
 def auto_checkpoint_interval(seconds_per_step: float) -> int:
@@ -227,200 +183,248 @@ def auto_checkpoint_interval(seconds_per_step: float) -> int:
     return int(max(m * magnitude for m in (1, 2, 5) if m * magnitude <= steps))
 
 
+def build_stepper(model: GPT, config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                  world: World = World()) -> Stepper:
+    """The training step for `model`: parallelized and compiled from outside, then the optimizer over
+    what each rank holds."""
+    parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=use_compile(config.compile, device))
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    return Stepper(model, optimizer, device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded)
+
+
 def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
     """Train until the training loss first drops below config.target_loss, or max_steps pass.
 
     At the target, the fp16 final model is written to config.out_dir. Checkpoints, config.toml,
-    metrics.jsonl and loss.png go to config.run_dir; config.resume continues a run exactly. Under
-    torchrun every process calls this; rank 0 alone prints and writes files.
+    metrics.jsonl and loss.png go to config.run_dir; config.resume continues a run exactly (the
+    checkpoint's config, with the settings given explicitly on top). Under torchrun every process
+    calls this; rank 0 alone prints and writes files.
     """
+    world = world_from_env()
     try:
-        trainer = Trainer(config, log)
-        result = trainer.run()
+        result = Trainer(config, log, world).run()
         # torchrun ends the other ranks as soon as one exits with a failure status, as a run that
         # stops short of its target does: no rank leaves before rank 0 has written everything.
-        distributed.barrier(trainer.world)
+        distributed.barrier(world)
         return result
     finally:
         distributed.leave()
 
 
-def _quiet(line: str) -> None:
-    """The log of ranks other than 0."""
+@dataclass
+class Observed:
+    """What the loop learned about one step."""
+
+    step: int
+    result: StepResult
+    seconds: float  # wall time since the previous step was read
+    events: list[str]  # non-finite steps and spikes
+    val: EvalResult | None  # at evaluation steps
+    reached: bool  # the target is reached at this step
 
 
 class Trainer:
     """One training run: set up (new or resumed) on construction, then `run()` to its end."""
 
-    def __init__(self, config: TrainConfig, log: Log = print_flush):
-        self.config = config
-        self.world = world_from_env()
-        self.log = log if self.world.is_main else _quiet  # rank 0 alone speaks
-        self.device = distributed.join(self.world, resolve_device(config.device))
+    def __init__(self, config: TrainConfig, log: Log = print_flush, world: World | None = None):
+        self.world = world = world or world_from_env()
+        self.log = log if world.is_main else quiet  # rank 0 alone speaks
+        # New or resumed (then with the checkpoint's config): decided, and refused if it must be,
+        # before anything on disk changes.
+        start = start_run(config, world)
+        self.config = config = start.config
+        # The process: its place among the ranks, device and precision.
+        self.device = distributed.join(world, resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.final_path = final_model_path(config.out_dir, config.format)
-        check_writable_dir(self.final_path.parent, "final model")
-        check_writable_dir(config.run_dir, "checkpoints")
-        resume = _checkpoint_to_resume(config, self.world)
+        clear_earlier_run(start, world)
         configure_backends(self.device)
         seed_everything(config.seed)  # the same on every rank: the same initial weights and dropout
 
+        # The data.
         self.corpus = load_corpus(config.data)
         if config.target_metric == "val" and len(self.corpus.val) < 2:
             raise UserError(f"--target-metric val needs a validation split, and {self.corpus.source} has none: "
                             "prepare the data with a --val-fraction above 0")
         tokens = self.corpus.train[: config.train_tokens] if config.train_tokens else self.corpus.train
-        self.sampler: Sampler = SAMPLERS[config.sampling](tokens, config.batch_size, config.seq_len, seed=config.seed,
-                                                          rank=self.world.rank, world_size=self.world.size)
+        self.sampler = SAMPLERS[config.sampling](tokens, config.batch_size, config.seq_len, seed=config.seed,
+                                                 rank=world.rank, world_size=world.size)
         if self.device.type == "cuda":
             self.sampler = Prefetcher(self.sampler)
+
+        # The model and its training step.
         self.model = GPT(config.model)
-        if config.init_from and resume is None:  # a resumed run takes its weights from the checkpoint
+        if config.init_from and start.saved is None:  # a resumed run takes its weights from the checkpoint
             self.model.load_state_dict(read_hf_model(config.init_from)[1])
         self.model.to(self.device)
-        self.stepper = Stepper(self.model, config.lr, config.weight_decay, self.device, self.dtype, config.grad_clip,
-                               compile=use_compile(config.compile, self.device), world=self.world, fsdp=config.fsdp)
+        self.stepper = build_stepper(self.model, config, self.device, self.dtype, world)
         # On a GPU the host reads each step's loss one step late, while the device runs the next one.
         self.lag = 1 if self.device.type == "cuda" else 0
+        self.tokens_per_step = config.tokens_per_step * world.size
+
+        # What a checkpoint holds, and where the run stands.
         self.monitor = LossMonitor()
-        self.data = _data_identity(self.corpus, len(tokens))
-        self.tokens_per_step = config.tokens_per_step * self.world.size
-        self.step = 0
-        self.losses: list[float] = []
-        for line in _header(config, self.model, self.device, self.dtype, self.corpus, len(tokens), self.world):
+        data = {"source": self.corpus.source, "text_sha256": self.corpus.text_sha256, "train_tokens": len(tokens)}
+        self.state = RunState(config, world, self.stepper, self.sampler, self.monitor, data, start.run_id)
+        for line in self._header(len(tokens)):
             self.log(line)
-        if resume is not None:
-            path, saved, changes = resume
-            _restore(saved, self.stepper, self.sampler, self.monitor, self.data, path, self.world)
-            self.step = saved["step"]
-            self.log(f"resumed from {path} at step {self.step:,} (best loss {self.monitor.best_loss:.6f})")
-            if saved.get("world_size", 1) != self.world.size:
-                changes.append(f"world size: {saved.get('world_size', 1)} -> {self.world.size} (the data order "
-                               "from here on differs from a run that kept its world size)")
-            for change in changes:
+        self.step = 0
+        if start.saved is not None:
+            self.step = self.state.restore(start.saved, start.checkpoint)
+            self.log(f"resumed from {start.checkpoint} at step {self.step:,} (best loss {self.monitor.best_loss:.6f})")
+            for change in start.changes:
                 self.log(f"changed on resume: {change}")
         elif config.init_from:
             self.log(f"initialized from {config.init_from}")
-        self.recorder = RunRecorder(config, resumed_step=self.step) if self.world.is_main else None
+        self.recorder = RunRecorder(config, resumed_step=self.step) if world.is_main else None
+        self.final_path = final_model_path(config.out_dir, config.format)
+        self.interval = config.checkpoint_interval  # 0: chosen from the step time, once estimated
+        self.losses: list[float] = []
+        self.clock = StepClock(self.step + 1)
+        self.stop = StopRequests()
+
+    def _header(self, train_tokens: int) -> list[str]:
+        config, m, world = self.config, self.config.model, self.world
+        batch = f"{config.batch_size} x {config.seq_len}"
+        if config.grad_accum > 1:
+            batch += f" x {config.grad_accum} micro-steps"
+        if world.distributed:
+            batch += f" x {world.size} ranks{' (FSDP)' if config.fsdp else ''}"
+        return [
+            f"device: {self.device} | dtype: {dtype_name(self.dtype)} | parameters: {self.model.num_params():,}",
+            f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, vocab {m.vocab_size:,}",
+            f"data: {self.corpus.source} | train tokens: {train_tokens:,} | val tokens: {len(self.corpus.val):,}",
+            f"tokens per step: {self.tokens_per_step:,} ({batch}) | "
+            f"lr {config.lr:g} -> {config.min_lr:g}, warmup {config.warmup_steps:,}, max steps {config.max_steps:,} | "
+            f"target loss {config.target_loss}",
+        ]
+
+    # The loop.
 
     def run(self) -> TrainResult:
         """Step until the target, max_steps, too many bad steps or a stop signal."""
-        if self.config.checkpoint_interval:
-            self.log(f"checkpoints every {self.config.checkpoint_interval:,} steps, at the end and when stopped, "
-                     f"in {self._checkpoint_dir()}")
-        self.interval = self.config.checkpoint_interval
-        self.step_times: list[float] = []
-        self.first_step = self.step + 1
-        self.loop_started = self.last_finished = time.perf_counter()
-        self.rewind_to: dict | None = None
-        in_flight: PendingStep | None = None  # updated on the device, not yet read (lag 1)
-        with StopRequests() as self.stop:
-            while True:
-                next_step = (in_flight.step if in_flight else self.step) + 1
-                launched = self._launch(next_step) if next_step <= self.config.max_steps else None
-                if in_flight is not None:
-                    self.rewind_to = launched.position if launched else None
-                    ended = self._finish(in_flight)
+        if self.interval:
+            self.log(f"checkpoints every {self.interval:,} steps, at the end and when stopped, in "
+                     f"{Path(self.config.run_dir) / 'checkpoints'}")
+        self.clock.start()
+        watch = self._watch_first_step()
+        try:
+            with self.stop:
+                steps = self.stepper.run(self.step + 1, self.config.max_steps, self._draw, self._lr, self._flags,
+                                         self.lag)
+                for pending in steps:
+                    ended = self._finish(pending)
                     if ended is not None:
-                        self.stepper.discard()  # the launched step's gradients are never applied
+                        self.stepper.discard()  # a step queued after this one is never applied
                         return ended
-                if launched is None:
-                    return self._out_of_steps()
-                launched.record(self.stepper.update(self._lr(launched.step), launched.loss, self._flags(launched.step)))
-                in_flight = launched
-                if self.lag == 0:
-                    ended = self._finish(launched)
-                    if ended is not None:
-                        return ended
-                    in_flight = None
+                return self._out_of_steps()
+        finally:
+            watch.set()
+
+    def _draw(self, step: int) -> tuple[dict | None, Batches]:
+        """A step's micro-batches, and (with lag 1) the position to go back to if it is dropped."""
+        position = self.state.position() if self.lag else None
+        batches = []
+        for _ in range(self.config.grad_accum):
+            x, y = self.sampler.next_batch()
+            batches.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+        return position, batches
 
     def _lr(self, step: int) -> float:
         config = self.config
         return lr_at(step - 1, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
 
-    def _launch(self, step: int) -> PendingStep:
-        """Queue a step's forward and backward passes, one per micro-batch."""
-        position = self._position() if self.lag else None
-        batches = []
-        for _ in range(self.config.grad_accum):
-            x, y = self.sampler.next_batch()
-            batches.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
-        return PendingStep(step, self.stepper.forward_backward(batches), position)
-
-    def _flags(self, step: int) -> tuple[bool, bool]:
-        """(stop, checkpoint) as this rank sees them before the step's update: a signal arrived, or
-        (rank 0 decides) a periodic checkpoint falls after this step."""
-        stop = self.stop.signal_number is not None
+    def _flags(self, step: int) -> Flags:
+        """As this rank sees them before the step's update: a signal arrived, or (rank 0 decides) a
+        periodic checkpoint falls after this step."""
         checkpoint = (self.world.is_main and bool(self.interval) and step % self.interval == 0
                       and step < self.config.max_steps)
-        return stop, checkpoint
+        return Flags(stop=self.stop.signal_number is not None, checkpoint=checkpoint)
 
-    def _position(self) -> dict:
-        """Where the data and the random generators stand: what a checkpoint must hold to go on from here."""
-        return {"sampler": self.sampler.state_dict(), "rng": rng_state()}
+    def _watch_first_step(self) -> threading.Event:
+        """A thread that prints a lower bound on the run's time if the first step runs long."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(1.0):
+                elapsed = self.clock.overdue()
+                if elapsed is not None:
+                    self.log(self._estimate_line(elapsed, self.step, still_running=True))
+                    return
+
+        threading.Thread(target=watch, daemon=True, name="gpt2train-estimate").start()
+        return done
+
+    # Each step, once read: observe, report, decide.
 
     def _finish(self, pending: PendingStep) -> TrainResult | None:
-        """Read a step's results; log, evaluate, check the target and signals. A result ends the run."""
-        config, log = self.config, self.log
+        seen = self._observe(pending)
+        self._report(seen)
+        return self._decide(seen, pending)
+
+    def _observe(self, pending: PendingStep) -> Observed:
+        config = self.config
         result = pending.result()
-        now = time.perf_counter()
-        seconds, self.last_finished = now - self.last_finished, now
+        seconds = self.clock.lap()
         step = self.step = pending.step
-        loss = result.loss
-        self.losses.append(loss)
-        events = self.monitor.observe(step, loss, result.grad_norm, result.applied)
+        self.losses.append(result.loss)
+        events = self.monitor.observe(step, result.loss, result.grad_norm, result.applied)
         val = self._evaluate() if config.eval_interval and step % config.eval_interval == 0 else None
         if config.target_metric == "val":
             reached = val is not None and val.loss < config.target_loss
         else:
-            reached = loss < config.target_loss  # NaN never is
+            reached = result.loss < config.target_loss  # NaN never is
+        return Observed(step, result, seconds, events, val, reached)
 
-        logged = step % config.log_interval == 0 or reached
+    def _report(self, seen: Observed) -> None:
+        """The step's log lines, its run record, and the time estimate once it is due."""
+        step, result, val = seen.step, seen.result, seen.val
+        logged = step % self.config.log_interval == 0 or seen.reached
         if logged:
-            log(format_step_line(step, loss, self.monitor.best_loss, seconds))
-        for event in events:
-            log(event)
+            self.log(format_step_line(step, result.loss, self.monitor.best_loss, seen.seconds))
+        for event in seen.events:
+            self.log(event)
         if val is not None:
-            log(f"step {step} | val_loss: {val.loss:.4f} | val_perplexity: {val.perplexity:.2f} | "
-                f"val_bits_per_byte: {val.bits_per_byte:.4f}")
-        if logged or val is not None:
+            self.log(f"step {step} | val_loss: {val.loss:.4f} | val_perplexity: {val.perplexity:.2f} | "
+                     f"val_bits_per_byte: {val.bits_per_byte:.4f}")
+        if self.recorder is not None and (logged or val is not None):
             measured = {"val_loss": val.loss, "val_perplexity": val.perplexity,
                         "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
-            if self.recorder is not None:
-                self.recorder.record(step, loss=loss, best_loss=self.monitor.best_loss, lr=self._lr(step),
-                                     grad_norm=result.grad_norm, tokens_per_s=self.tokens_per_step / seconds,
-                                     step_time=seconds, **measured)
-        self._estimate(step, seconds)
+            self.recorder.record(step, loss=result.loss, best_loss=self.monitor.best_loss, lr=self._lr(step),
+                                 grad_norm=result.grad_norm, tokens_per_s=self.tokens_per_step / seen.seconds,
+                                 step_time=seen.seconds, **measured)
+        per_step = self.clock.step_done(step, seen.seconds)
+        if per_step is not None and step < self.config.max_steps:
+            self.log(self._estimate_line(per_step, step))
+            if not self.interval:
+                self.interval = auto_checkpoint_interval(per_step)
+                self.log(f"checkpoints every {self.interval:,} steps (about {format_duration(self.interval * per_step)}), "
+                         f"at the end and when stopped, in {Path(self.config.run_dir) / 'checkpoints'}")
 
-        if reached:
-            return self._reached_target()
-        if self.monitor.bad_in_a_row >= config.max_bad_steps:
+    def _decide(self, seen: Observed, pending: PendingStep) -> TrainResult | None:
+        """End the run, or save a checkpoint, as the step's numbers say."""
+        if seen.reached:
+            return self._reached_target(pending)
+        if self.monitor.bad_in_a_row >= self.config.max_bad_steps:
             return self._diverged()
-        if result.stop:
-            return self._interrupted(self.stop.signal_number or signal.SIGTERM)
+        if seen.result.stop:
+            return self._interrupted(self.stop.signal_number or signal.SIGTERM, pending)
         # Never during a run of bad steps: the last good checkpoint is the one to go back to.
-        if result.checkpoint and self.monitor.bad_in_a_row == 0:
-            log(f"checkpoint saved: {self._checkpoint()}")
+        if seen.result.checkpoint and self.monitor.bad_in_a_row == 0:
+            self.log(f"checkpoint saved: {self.state.save(self.step, position=_rewind_position(pending))}")
         return None
 
-    def _estimate(self, step: int, seconds: float) -> None:
-        """Once enough steps are timed: the time to max_steps, and the automatic checkpoint interval."""
-        if self.step_times is None:  # estimated already
-            return
-        if step > self.first_step:
-            self.step_times.append(seconds)
-        if (
-            not self.step_times or step >= self.config.max_steps
-            or (len(self.step_times) < ESTIMATE_STEPS and time.perf_counter() - self.loop_started < ESTIMATE_SECONDS)
-        ):
-            return
-        per_step = statistics.median(self.step_times)
-        self.log(_estimate_line(self.config, self.device, per_step, step))
-        if not self.interval:
-            self.interval = auto_checkpoint_interval(per_step)
-            self.log(f"checkpoints every {self.interval:,} steps (about {format_duration(self.interval * per_step)}), "
-                     f"at the end and when stopped, in {self._checkpoint_dir()}")
-        self.step_times = None  # estimated once
+    def _estimate_line(self, per_step: float, step: int, still_running: bool = False) -> str:
+        config = self.config
+        total = per_step * (config.max_steps - step)
+        if still_running:
+            line = (f"estimated time to max steps ({config.max_steps:,}): more than {format_duration(total)}, at more "
+                    f"than {per_step:.0f} s/step (the first step is still running)")
+        else:
+            line = (f"estimated time to max steps ({config.max_steps:,}): {format_duration(total)} more at "
+                    f"{per_step:.2f} s/step (less if the target is reached first)")
+        if self.device.type == "cpu" and config.preset != "tiny" and total > 3600:
+            line += "; this model is too large for a CPU run, try `--preset tiny` for one that finishes in minutes"
+        return line
 
     def _evaluate(self) -> EvalResult | None:
         if len(self.corpus.val) < 2:
@@ -430,39 +434,14 @@ class Trainer:
         self.monitor.observe_val(val.loss)
         return val
 
-    def _checkpoint_dir(self) -> Path:
-        return Path(self.config.run_dir) / "checkpoints"
-
-    def _checkpoint(self, finished: str = "") -> Path:
-        """Save a checkpoint of the step just finished. A collective: every rank calls it, rank 0 writes."""
-        config = self.config
-        model_state, optimizer_state = self.stepper.state_dicts()
-        path = checkpoint_path(config.run_dir, self.step)
-        # Where each rank's data and generators stand; the next step's batch may already be drawn (lag 1).
-        positions = distributed.gather(self.rewind_to or self._position(), self.world)
-        if self.world.is_main:
-            contents = {
-                "config": config.to_flat_dict(),
-                "best_loss": self.monitor.best_loss,
-                # The learning rate of the next step: where the schedule stands.
-                "lr": lr_at(self.step, config.lr, config.min_lr, config.warmup_steps, config.max_steps),
-                "finished": finished,
-                "world_size": self.world.size,
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scaler": self.stepper.scaler_state(),
-                **positions[0],
-                "other_ranks": positions[1:],
-                "monitor": self.monitor.state_dict(),
-                "data": self.data,
-            }
-            path = save_checkpoint(config.run_dir, self.step, contents, keep=config.keep_checkpoints)
-        distributed.barrier(self.world)
-        return path
+    # The ends of a run.
 
     def _best(self) -> float:
         """The best value of the loss the target applies to."""
         return self.monitor.best_val_loss if self.config.target_metric == "val" else self.monitor.best_loss
+
+    def _metric(self) -> str:
+        return "best validation loss" if self.config.target_metric == "val" else "best loss"
 
     def _close_records(self) -> None:
         """Finish metrics.jsonl and draw loss.png."""
@@ -477,18 +456,22 @@ class Trainer:
     def _result(self, status: str, **extra) -> TrainResult:
         return TrainResult(status, self.step, self._best(), model=self.model, losses=self.losses, **extra)
 
-    def _reached_target(self) -> TrainResult:
-        best = self._best()
-        model_state, _ = self.stepper.state_dicts()
-        if self.world.is_main:
-            save_final_model(self.model, self.final_path, step=self.step, best_loss=best, state=model_state)
-        checkpoint = self._checkpoint(finished=TARGET_REACHED)
+    def _reached_target(self, pending: PendingStep) -> TrainResult:
+        best, final_path = self._best(), self.final_path
+        # The seed's lines, each as soon as what it says is true.
         self.log(f"Target loss achieved! Best loss: {best:.6f}")
-        self.log(f"Final model saved at: {self.final_path}")
+        weights = self.state.weights()
+        if self.world.is_main:
+            save_final_model(self.model, final_path, step=self.step, best_loss=best, state=weights[0],
+                             run={"id": self.state.run_id, "dir": str(Path(self.config.run_dir).resolve())})
+        distributed.barrier(self.world)
+        self.log(f"Final model saved at: {final_path}")
         self.log(f"Training completed. Best loss: {best:.6f}")
         self.log(f"Final model perplexity: {math.exp(best):.4f} (exp of the best loss)")
+        checkpoint = self.state.save(self.step, finished=TARGET_REACHED, position=_rewind_position(pending),
+                                     weights=weights)
         self._close_records()
-        return self._result(TARGET_REACHED, final_model_path=self.final_path, checkpoint_path=checkpoint)
+        return self._result(TARGET_REACHED, final_model_path=final_path, checkpoint_path=checkpoint)
 
     def _diverged(self) -> TrainResult:
         last = latest_checkpoint(self.config.run_dir)
@@ -500,8 +483,8 @@ class Trainer:
         self._close_records()
         return self._result(DIVERGED, final_model_path=None, checkpoint_path=last)
 
-    def _interrupted(self, signal_number: int) -> TrainResult:
-        checkpoint = self._checkpoint()
+    def _interrupted(self, signal_number: int, pending: PendingStep) -> TrainResult:
+        checkpoint = self.state.save(self.step, position=_rewind_position(pending))
         command = f"gpt2train train --resume {self.config.run_dir}"
         if self.world.distributed:
             command = f"the same torchrun command, running {command}"
@@ -511,12 +494,17 @@ class Trainer:
                             signal_number=signal_number)
 
     def _out_of_steps(self) -> TrainResult:
-        config, best = self.config, self.monitor.best_loss
-        checkpoint = self._checkpoint(finished=MAX_STEPS)
+        config, best = self.config, self._best()
+        checkpoint = self.state.save(self.step, finished=MAX_STEPS)
         self.log(
             f"Target loss {config.target_loss} not reached in {config.max_steps:,} steps "
-            f"(best loss: {best:.6f}, perplexity {math.exp(best):.4f}); no final model was written. "
+            f"({self._metric()}: {best:.6f}, perplexity {math.exp(best):.4f}); no final model was written. "
             f"Raise --max-steps or --target-loss; continue this run with --resume --max-steps N."
         )
         self._close_records()
         return self._result(MAX_STEPS, final_model_path=None, checkpoint_path=checkpoint)
+
+
+def _rewind_position(pending: PendingStep) -> dict | None:
+    """Where the data stood before the step queued after `pending` drew its batch (lag 1), if any."""
+    return pending.queued_after.position if pending.queued_after is not None else None

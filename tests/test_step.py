@@ -1,0 +1,71 @@
+"""One training step (`Stepper`): the loss of the fast path against plain eager PyTorch, compiled or not."""
+
+import pytest
+import torch
+
+from gpt2train import GPT, GPTConfig
+from gpt2train.bench import eager_step
+from gpt2train.optim import build_optimizer
+from gpt2train.parallel import parallelize
+from gpt2train.step import Flags, Stepper
+
+CPU = torch.device("cpu")
+
+
+def make_stepper(model, dtype=torch.float32, compile=False):
+    parallel = parallelize(model, CPU, dtype, compile=compile)
+    return Stepper(model, build_optimizer(model, 1e-3, 0.1), CPU, dtype, 1.0, parallel.forward)
+
+
+def first_losses(dtype):
+    """The first-step loss of gpt2train's step and of the hand-written eager step, same weights and batch."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+    torch.manual_seed(1)
+    a = GPT(config)
+    b = GPT(config)
+    b.load_state_dict(a.state_dict())
+    stepper = make_stepper(a, dtype)
+    ours = stepper.update(1e-3, stepper.forward_backward([(x, y)]))[0].item()
+    eager = eager_step(b, dtype, torch.device("cpu"), 1e-3, 0.1, 1.0, x, y)()
+    return ours, eager
+
+
+def test_the_fast_path_computes_the_eager_paths_loss():
+    ours, eager = first_losses(torch.float32)
+    assert ours == pytest.approx(eager, rel=1e-6)
+    ours, eager = first_losses(torch.bfloat16)
+    assert ours == pytest.approx(eager, rel=1e-2)
+
+
+def test_compile_on_and_off_give_the_same_loss():
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    losses = []
+    for compile in (False, True):
+        torch.manual_seed(1)
+        model = GPT(config)
+        stepper = make_stepper(model, compile=compile)
+        losses.append([stepper.update(1e-3, stepper.forward_backward([(x, y)]))[0].item() for _ in range(3)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_the_pipeline_reads_the_same_steps_one_step_late():
+    """With lag 1 the next step is queued before a step is handed over; the losses are the same."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    torch.manual_seed(0)
+    batches = [[(torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16)))] for _ in range(5)]
+    runs = {}
+    for lag in (0, 1):
+        torch.manual_seed(1)
+        stepper = make_stepper(GPT(config))
+        steps = stepper.run(1, 5, lambda step: ({"before": step}, batches[step - 1]), lambda step: 1e-3,
+                            lambda step: Flags(), lag)
+        handed = [(p.step, p.result().loss, p.queued_after.step if p.queued_after else None) for p in steps]
+        runs[lag] = handed
+    assert [step for step, _, _ in runs[0]] == [1, 2, 3, 4, 5]
+    assert [loss for _, loss, _ in runs[1]] == [loss for _, loss, _ in runs[0]]
+    assert [queued for _, _, queued in runs[0]] == [None] * 5
+    assert [queued for _, _, queued in runs[1]] == [2, 3, 4, 5, None]
