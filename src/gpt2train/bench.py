@@ -34,6 +34,8 @@ GPU_PEAK_TFLOPS = {
 VARIANTS = {
     "gpt2train": "gpt2train's training step (fused AdamW, on-device skip of bad steps, compile where on, "
                  "TF32 on GPUs, the CPU allocator setting)",
+    "gpt2train-deterministic": "gpt2train's training step with --deterministic: deterministic kernels only "
+                               "(what reproducibility costs)",
     "compiled": "the standard compiled recipe (nanoGPT's train.py): the model under torch.compile, fused AdamW, "
                 "autocast, clipping, TF32 on GPUs, loss.item() every 10th step",
     "eager": "plain eager PyTorch as written by hand: the same precision, default AdamW, loss.item() every step",
@@ -113,8 +115,9 @@ def run_variant(config: TrainConfig, variant: str, steps: int, warmup: int) -> V
     shape = (config.batch_size, config.seq_len)
     x = torch.randint(0, 50257, shape, device=device)
     y = torch.randint(0, 50257, shape, device=device)
-    if variant == "gpt2train":
-        configure_backends(device)
+    if variant in ("gpt2train", "gpt2train-deterministic"):
+        # Before the first matrix product: cuBLAS reads its deterministic workspace setting then.
+        configure_backends(device, deterministic=config.deterministic or variant == "gpt2train-deterministic")
         step = gpt2train_step(model, dtype, device, config, x, y)
     elif variant == "compiled":
         step = compiled_step(model, dtype, device, config, x, y)
@@ -249,15 +252,16 @@ def generation_report(config: TrainConfig, device: torch.device, new_tokens: int
 
 def describe(config: TrainConfig, results: list[VariantResult], device: torch.device) -> list[str]:
     m = config.model
+    width = max(12, *(len(r.variant) for r in results))
     lines = [
         f"device: {device_name(device)} | torch {torch.__version__}",
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, vocab {m.vocab_size:,} | "
         f"batch {config.batch_size} x {config.seq_len} = {config.tokens_per_step:,} tokens per step",
-        f"{'variant':12s} {'dtype':9s} {'ms/step':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
+        f"{'variant':{width}s} {'dtype':9s} {'ms/step':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
         f"{'peak MB':>8s} {'loss':>8s}",
     ]
     for r in results:
-        lines.append(f"{r.variant:12s} {r.dtype:9s} {r.ms_per_step:9.1f} {r.tokens_per_s:10,.0f} {r.tflops:8.3f} "
+        lines.append(f"{r.variant:{width}s} {r.dtype:9s} {r.ms_per_step:9.1f} {r.tokens_per_s:10,.0f} {r.tflops:8.3f} "
                      f"{r.mfu:6.1%} {r.peak_memory_mb:8.0f} {r.loss:8.4f}")
     base = results[0]
     for other in results[1:]:

@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default: 3)")
     b.add_argument("--compare-eager", action="store_true",
                    help="also time plain eager PyTorch (fp32 and bf16 autocast on a CPU, the run's precision on a GPU)")
+    b.add_argument("--compare-deterministic", action="store_true",
+                   help="also time gpt2train's step with --deterministic (deterministic kernels only)")
     b.add_argument("--generate", type=int, default=0, metavar="N",
                    help="instead, time decoding N tokens with and without the KV cache")
     b.add_argument("--variant", choices=list(VARIANTS), help="time only this variant, in this process")
@@ -322,6 +324,8 @@ def cmd_bench(args) -> int:
         results = [run_variant(config, args.variant, args.steps, args.warmup)]
     else:
         variants = ["gpt2train"] + (["compiled"] if device.type == "cuda" else [])
+        if args.compare_deterministic:
+            variants.insert(1, "gpt2train-deterministic")
         if args.compare_eager:
             variants += ["eager-fp32", "eager-bf16"] if device.type == "cpu" else ["eager"]
         with tempfile.TemporaryDirectory() as tmp:

@@ -42,6 +42,8 @@ class TrainConfig:
                                  "else fp32), float32, bfloat16, float16", RUN)
     seed: int = _opt(1337, "random seed for weights and data order", RUN)
     compile: bool | None = _opt(None, "torch.compile the model for training (default: on CUDA GPUs only)", RUN)
+    deterministic: bool = _opt(False, "deterministic kernels only: two runs with the same seed on the same machine "
+                               "and software give the same losses and weights, at some cost in speed", RUN)
     fsdp: bool = _opt(False, "under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) "
                       "instead of replicating them (DDP)", RUN)
     init_from: str = _opt("", "start from the GPT-2 weights in this Hugging Face model directory, whose config.json "

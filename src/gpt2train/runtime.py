@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import random
 import signal
 import sys
@@ -69,14 +70,52 @@ def use_compile(requested: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if requested is None else requested
 
 
-def configure_backends(device: torch.device) -> None:
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
     """Process settings that make training faster: TF32 for fp32 matrix products on GPUs that
-    have it; on a CPU, an allocator that keeps freed memory for the next step."""
+    have it; on a CPU, an allocator that keeps freed memory for the next step. With
+    `deterministic`, also the settings that make a run repeat itself exactly (make_deterministic);
+    call it before the first matrix product of the process."""
+    if deterministic:
+        make_deterministic()
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 products are deterministic as well
         torch.backends.cudnn.allow_tf32 = True
     elif device.type == "cpu":
         keep_freed_memory_mapped()
+
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def make_deterministic() -> None:
+    """Deterministic kernels only, process-wide (`--deterministic`): the same seed on the same machine
+    and software gives the same losses and weights, at every step and after a resume.
+
+    - cuBLAS picks its reduction order by workspace; a fixed workspace configuration makes it
+      repeatable. cuBLAS reads the variable when this process creates its first handle (its first
+      matrix product on the GPU), so this must run before that: set-ups that already ran one keep
+      their workspace. A value the user exported is kept.
+    - `torch.use_deterministic_algorithms(True)` (not warn_only): deterministic kernels where torch
+      has both, an error where it has only a non-deterministic one. Per torch's documentation it also
+      turns on Inductor's deterministic mode (no benchmarking or autotuning that changes numerics) and,
+      for scaled_dot_product_attention, makes the flash backward run its deterministic kernel and the
+      memory-efficient backward use a single key split.
+    - cuDNN's attention backward has no deterministic path in torch; recent torch skips that backend
+      in deterministic mode, and it is turned off here as well so that a torch which would still pick
+      it (it is the default on Hopper) falls back to flash attention.
+    - cuDNN convolutions (none in GPT-2, but cheap to pin): deterministic algorithms, no benchmarking.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:  # torch versions whose use_deterministic_algorithms does not set Inductor's mode itself
+        import torch._inductor.config as inductor_config
+    except ImportError:  # pragma: no cover - a torch without Inductor
+        return
+    if hasattr(inductor_config, "deterministic"):
+        inductor_config.deterministic = True
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1,0 +1,50 @@
+"""The checksums files carry: of a .pt archive's bytes, and of contents (safetensors)."""
+
+import io
+import zipfile
+
+import torch
+
+from gpt2train.checksum import PREFIX, archive_sealed, content_digest, seal_archive
+
+
+def sealed_file(tmp_path, obj):
+    path = tmp_path / "f.pt"
+    with open(path, "w+b") as f:
+        torch.save(obj, f)
+        seal_archive(f)
+    return path
+
+
+def test_a_sealed_archive_still_loads_and_carries_its_checksum_as_the_zip_comment(tmp_path):
+    path = sealed_file(tmp_path, {"w": torch.arange(5), "note": "x"})
+    assert archive_sealed(path) is True
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(5))
+    with zipfile.ZipFile(path) as z:
+        assert z.comment.startswith(PREFIX.encode()) and z.testzip() is None
+
+
+def test_every_changed_byte_is_found(tmp_path):
+    path = sealed_file(tmp_path, {"w": torch.randn(300)})
+    good = path.read_bytes()
+    for i in range(len(good)):  # each byte of a small file, one at a time
+        path.write_bytes(good[:i] + bytes([good[i] ^ 0x04]) + good[i + 1 :])
+        assert archive_sealed(path) is not True, f"byte {i} changed unnoticed"
+
+
+def test_an_archive_without_a_checksum_is_told_apart(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buffer)
+    (tmp_path / "plain.pt").write_bytes(buffer.getvalue())
+    assert archive_sealed(tmp_path / "plain.pt") is None
+
+
+def test_the_content_digest_sees_every_value_and_no_order():
+    a = {"x": torch.arange(6, dtype=torch.float16), "meta": {"step": 3, "name": "run"}}
+    b = {"meta": {"name": "run", "step": 3}, "x": torch.arange(6, dtype=torch.float16)}
+    assert content_digest(a) == content_digest(b)  # dict order is not content
+    changed = {**a, "x": a["x"].clone()}
+    changed["x"][5] = 7
+    assert content_digest(changed) != content_digest(a)
+    assert content_digest({**a, "meta": {"step": 4, "name": "run"}}) != content_digest(a)
+    assert content_digest({**a, "x": a["x"].float()}) != content_digest(a)  # same values, another dtype

@@ -1,0 +1,35 @@
+"""Parallelism and compilation applied from outside the model, and full state dicts."""
+
+import torch
+
+from gpt2train import GPT, GPTConfig
+from gpt2train.model import TIED_WEIGHTS
+from gpt2train.optim import build_optimizer
+from gpt2train.parallel import full_state_dicts, load_full_state_dicts, parallelize
+
+CPU = torch.device("cpu")
+CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+def test_one_process_is_left_as_it_is_or_compiled():
+    model = GPT(CONFIG)
+    plain = parallelize(model, CPU, torch.float32)
+    assert plain.forward is model and not plain.sharded
+    compiled = parallelize(model, CPU, torch.float32, compile=True)
+    assert compiled.forward is not model and compiled.forward._orig_mod is model  # shares its weights
+
+
+def test_full_state_dicts_keep_the_tied_weight_as_one_tensor_and_load_back():
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    optimizer = build_optimizer(model, 1e-3, 0.1)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
+    weights, moments = full_state_dicts(model, optimizer)
+    (tied, source), = TIED_WEIGHTS.items()
+    assert weights[tied] is weights[source]
+    other = GPT(CONFIG)
+    other_optimizer = build_optimizer(other, 1e-3, 0.1)
+    load_full_state_dicts(other, other_optimizer, weights, moments)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
