@@ -253,12 +253,12 @@ def test_while_a_slow_first_step_runs_a_watch_prints_a_lower_bound(tmp_path, sma
     clock = FakeClock()
     trainer.clock = StepClock(first_step=1, clock=clock)
     clock.now += ESTIMATE_SECONDS + 10  # the first step has been running 40 s
-    done = trainer._watch_first_step()
+    stop_watching = trainer._watch_first_step()
     for _ in range(50):  # the watch looks once a second
         if any(line.startswith("estimated") for line in lines):
             break
         time.sleep(0.1)
-    done.set()
+    stop_watching()
     estimate = next(line for line in lines if line.startswith("estimated"))
     assert estimate.startswith("estimated time to max steps (20,000): more than 9.3 days, at more than 40 s/step")
     assert "try `--preset tiny`" in estimate

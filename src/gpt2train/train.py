@@ -306,7 +306,7 @@ class Trainer:
             self.log(f"checkpoints every {self.interval:,} steps, at the end and when stopped, in "
                      f"{Path(self.config.run_dir) / 'checkpoints'}")
         self.clock.start()
-        watch = self._watch_first_step()
+        stop_watching = self._watch_first_step()
         try:
             with self.stop:
                 steps = self.stepper.run(self.step + 1, self.config.max_steps, self._draw, self._lr, self._flags,
@@ -318,7 +318,7 @@ class Trainer:
                         return ended
                 return self._out_of_steps()
         finally:
-            watch.set()
+            stop_watching()
 
     def _draw(self, step: int) -> tuple[dict | None, Batches]:
         """A step's micro-batches, and (with lag 1) the position to go back to if it is dropped."""
@@ -340,8 +340,9 @@ class Trainer:
                       and step < self.config.max_steps)
         return Flags(stop=self.stop.signal_number is not None, checkpoint=checkpoint)
 
-    def _watch_first_step(self) -> threading.Event:
-        """A thread that prints a lower bound on the run's time if the first step runs long."""
+    def _watch_first_step(self) -> Callable[[], None]:
+        """Start a thread that prints a lower bound on the run's time if the first step runs long;
+        returns the function that stops it (and waits for it, so that no thread outlives the run)."""
         done = threading.Event()
 
         def watch() -> None:
@@ -351,8 +352,14 @@ class Trainer:
                     self.log(self._estimate_line(elapsed, self.step, still_running=True))
                     return
 
-        threading.Thread(target=watch, daemon=True, name="gpt2train-estimate").start()
-        return done
+        thread = threading.Thread(target=watch, daemon=True, name="gpt2train-estimate")
+        thread.start()
+
+        def stop() -> None:
+            done.set()
+            thread.join()
+
+        return stop
 
     # Each step, once read: observe, report, decide.
 
