@@ -71,3 +71,22 @@ def test_sequence_longer_than_block_size_is_rejected():
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4))
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_loss_is_the_loss_with_the_same_gradients(dtype):
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    full, chunked = GPT(config), GPT(config)
+    chunked.load_state_dict(full.state_dict())
+    chunked.LOSS_CHUNK = 5  # chunks that do not divide the 48 positions
+    x, y = torch.randint(0, 50257, (3, 16)), torch.randint(0, 50257, (3, 16))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        expected = full(x, y)[1]
+        logits, loss = chunked(x, y, return_logits=False)
+    assert logits is None and loss.item() == expected.item()
+    expected.backward()
+    loss.backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for (name, a), b in zip(full.named_parameters(), chunked.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=tolerance, atol=tolerance * a.grad.abs().max().item()), name

@@ -6,6 +6,7 @@ import signal
 import sys
 
 import pytest
+import torch
 
 from conftest import (
     final_model_without_run,
@@ -131,3 +132,13 @@ def test_resume_from_a_moved_run_directory(tmp_path, small_corpus):
     result = run_cli("train", "--resume", tmp_path / "moved", "--max-steps", "8")
     assert result.returncode == 3, result.stderr  # ran to max steps, target 0 never reached
     assert [p.name for p in list_checkpoints(tmp_path / "moved")] == ["step_00000008.pt"]
+
+
+def test_a_checkpoint_of_the_format_before_checksums_and_run_ids_resumes(tmp_path, small_corpus):
+    first = quiet(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0))
+    contents = torch.load(first.checkpoint_path, weights_only=True)
+    del contents["run_id"]
+    torch.save({**contents, "format_version": 1}, first.checkpoint_path)  # as gpt2train wrote it before
+    resumed = quiet(tiny_config(tmp_path, small_corpus, max_steps=9, target_loss=0.0, resume="latest"))
+    assert resumed.steps == 9
+    assert torch.load(resumed.checkpoint_path, weights_only=True)["run_id"]  # it has an id from now on

@@ -69,3 +69,18 @@ def test_the_pipeline_reads_the_same_steps_one_step_late():
     assert [loss for _, loss, _ in runs[1]] == [loss for _, loss, _ in runs[0]]
     assert [queued for _, _, queued in runs[0]] == [None] * 5
     assert [queued for _, _, queued in runs[1]] == [2, 3, 4, 5, None]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_fused_loss_trains_as_the_plain_one(compile):
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    losses = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        model = GPT(config)
+        stepper = make_stepper(model, compile=compile)
+        stepper.fused_loss = fused
+        losses.append([stepper.update(1e-3, stepper.forward_backward([(x, y)]))[0].item() for _ in range(4)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -44,6 +44,8 @@ class TrainConfig:
     compile: bool | None = _opt(None, "torch.compile the model for training (default: on CUDA GPUs only)", RUN)
     deterministic: bool = _opt(False, "deterministic kernels only: two runs with the same seed on the same machine "
                                "and software give the same losses and weights, at some cost in speed", RUN)
+    fused_loss: bool = _opt(False, "compute the output layer and the loss together, 1,024 positions at a time, never "
+                            "holding the whole batch's logits: the same loss in less memory", RUN)
     fsdp: bool = _opt(False, "under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) "
                       "instead of replicating them (DDP)", RUN)
     init_from: str = _opt("", "start from the GPT-2 weights in this Hugging Face model directory, whose config.json "

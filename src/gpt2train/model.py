@@ -42,6 +42,40 @@ class GPTConfig:
         return asdict(self)
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, a chunk of rows at a time.
+
+    The output layer's logits (rows x vocabulary, in fp32 the largest tensors of a training step)
+    exist only one chunk at a time: each chunk's loss and its gradients with respect to the hidden
+    states and the weight are computed together in the forward pass, and the backward pass only
+    scales them. Under autocast the products run in its dtype, as the unchunked layer's do.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        rows = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, rows, chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.t()).float()  # (chunk, vocab)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            total -= log_probs.gather(1, t[:, None]).sum()
+            grad = log_probs.exp_()  # d loss / d logits: softmax - one_hot(target), over all rows
+            grad.scatter_add_(1, t[:, None], torch.full_like(grad[:, :1], -1.0))
+            grad /= rows
+            grad_hidden[start : start + chunk] = grad @ weight
+            grad_weight += grad.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
 class KVCache:
     """The keys and values of every position seen so far, so that decoding a new token costs one
     position's work instead of re-running the whole context."""
@@ -160,12 +194,18 @@ class GPT(nn.Module):
         """Parameter count with the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    LOSS_CHUNK = 1024  # rows of logits at a time, when they are not returned
+
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy when targets are given.
 
-        With a `cache`, `idx` continues the sequence the cache holds and is appended to it.
+        With a `cache`, `idx` continues the sequence the cache holds and is appended to it. With
+        targets and `return_logits=False`, only the loss is computed, the output layer and the loss
+        together a chunk of positions at a time (ChunkedCrossEntropy): the same loss and gradients
+        without the memory for the whole batch's logits; the logits returned are None.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -177,7 +217,11 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits:
+            loss = ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.LOSS_CHUNK)
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -76,11 +76,13 @@ class Stepper:
     """Runs training steps of `model` through `forward` (the model, or its compiled or DDP wrapper)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype,
-                 grad_clip: float, forward: nn.Module | None = None, world: World = World(), sharded: bool = False):
+                 grad_clip: float, forward: nn.Module | None = None, world: World = World(), sharded: bool = False,
+                 fused_loss: bool = False):
         self.model, self.optimizer = model, optimizer
         self.forward = forward if forward is not None else model
         self.device, self.dtype, self.world, self.sharded = device, dtype, world, sharded
         self.grad_clip = grad_clip
+        self.fused_loss = fused_loss  # the loss without the batch's logits (GPT.forward's return_logits=False)
         # fp16 gradients underflow without loss scaling; bf16 and fp32 keep the scale at 1, where
         # scaling changes nothing, and use the scaler only for its on-device skip of non-finite steps.
         self.loss_scaling = dtype == torch.float16
@@ -94,7 +96,7 @@ class Stepper:
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(batches):
             with self._gradient_sync(i == len(batches) - 1), autocast(self.device, self.dtype):
-                _, loss = self.forward(x, y)
+                _, loss = self.forward(x, y, return_logits=not self.fused_loss)
             self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach().float()
         return total / len(batches)

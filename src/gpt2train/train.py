@@ -189,7 +189,8 @@ def build_stepper(model: GPT, config: TrainConfig, device: torch.device, dtype: 
     what each rank holds."""
     parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=use_compile(config.compile, device))
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    return Stepper(model, optimizer, device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded)
+    return Stepper(model, optimizer, device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded,
+                   fused_loss=config.fused_loss)
 
 
 def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
