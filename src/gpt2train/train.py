@@ -238,7 +238,7 @@ class Trainer:
         self.device = distributed.join(world, resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
         clear_earlier_run(start, world)
-        configure_backends(self.device)
+        configure_backends(self.device, deterministic=config.deterministic)
         seed_everything(config.seed)  # the same on every rank: the same initial weights and dropout
 
         # The data.
