@@ -253,10 +253,10 @@ class Trainer:
             self.sampler = Prefetcher(self.sampler)
 
         # The model and its training step.
-        self.model = GPT(config.model)
+        with torch.device(self.device):  # initialised where it trains: no host-side init and copy
+            self.model = GPT(config.model)
         if config.init_from and start.saved is None:  # a resumed run takes its weights from the checkpoint
             self.model.load_state_dict(read_hf_model(config.init_from)[1])
-        self.model.to(self.device)
         self.stepper = build_stepper(self.model, config, self.device, self.dtype, world)
         # On a GPU the host reads each step's loss one step late, while the device runs the next one.
         self.lag = 1 if self.device.type == "cuda" else 0
