@@ -45,7 +45,8 @@ VARIANTS = {
     "cpu": [("gpt2train", "gpt2train", []), ("gpt2train --compile", "gpt2train", ["--compile"]),
             ("eager fp32", "eager-fp32", []), ("eager bf16 autocast", "eager-bf16", [])],
     "gpu": [("gpt2train", "gpt2train", []), ("gpt2train --no-compile", "gpt2train", ["--no-compile"]),
-            ("eager", "eager", [])],
+            ("gpt2train --deterministic", "gpt2train-deterministic", []),
+            ("compiled (nanoGPT's recipe)", "compiled", []), ("eager", "eager", [])],
 }
 TARGET_RUNS = {"cpu": [*CPU, "--preset", "tiny"], "gpu": ["--device", "cuda"]}
 DECODING = {"cpu": SETS["cpu"][1][1], "gpu": ["--device", "cuda"]}
