@@ -117,11 +117,11 @@ def poison_losses(monkeypatch, bad_calls, snapshots=None):
     original = GPT.forward
     calls = []
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, **options):
         calls.append(None)
         if snapshots is not None:
             snapshots[len(calls)] = {k: v.clone() for k, v in self.state_dict().items()}
-        logits, loss = original(self, idx, targets)
+        logits, loss = original(self, idx, targets, **options)
         return logits, (loss * float("nan") if len(calls) in bad_calls else loss)
 
     monkeypatch.setattr(GPT, "forward", forward)
