@@ -226,7 +226,7 @@ def test_a_slow_first_step_gets_an_estimate_within_30_seconds():
     clock.now += ESTIMATE_SECONDS - 1
     assert steps.overdue() is None  # not yet
     clock.now += 1
-    assert steps.overdue() == ESTIMATE_SECONDS  # the first step has run 30 s: a lower bound, now
+    assert steps.overdue() == (ESTIMATE_SECONDS, True)  # the first step has run 30 s: a lower bound, now
     assert steps.overdue() is None  # said once
     assert steps.step_done(1, 240.0) is None  # the first step pays for warm-up: not estimated from
     clock.now += 240
@@ -241,7 +241,20 @@ def test_fast_steps_are_estimated_after_eight_and_never_warned_about():
     per_step = [steps.step_done(step, 0.1) for step in range(1, ESTIMATE_STEPS + 2)]
     assert per_step == [None] * ESTIMATE_STEPS + [0.1]
     clock.now += 60
-    assert steps.overdue() is None  # steps are done: nothing to warn about
+    assert steps.overdue() is None  # estimated already: nothing more to say early
+
+
+def test_a_first_step_done_but_no_estimate_due_at_30_seconds_gives_an_early_one():
+    from gpt2train.train import ESTIMATE_SECONDS, StepClock
+
+    clock = FakeClock()
+    steps = StepClock(first_step=1, clock=clock)
+    clock.now += 25
+    assert steps.step_done(1, 25.0) is None  # the first step, warm-up and all
+    clock.now += ESTIMATE_SECONDS - 25
+    assert steps.overdue() == (25.0, False)  # 30 s in, the second step running: an estimate now
+    clock.now += 15
+    assert steps.step_done(2, 15.0) == 15.0  # then the measured one
 
 
 def test_while_a_slow_first_step_runs_a_watch_prints_a_lower_bound(tmp_path, small_corpus):

@@ -130,15 +130,17 @@ class LossMonitor:
 
 
 class StepClock:
-    """Times the steps, and says once how long the run will take: the median step time after the
-    first (which pays for warm-up), once ESTIMATE_STEPS steps are timed or ESTIMATE_SECONDS have
-    passed; and, when the first step alone runs past ESTIMATE_SECONDS, a lower bound at that moment
-    (`overdue`, which a watch thread polls while the loop is busy in the step)."""
+    """Times the steps, and says how long the run will take: the median step time after the first
+    (which pays for warm-up), once ESTIMATE_STEPS steps are timed or ESTIMATE_SECONDS have passed.
+    Slow steps must not keep a user waiting for it: when ESTIMATE_SECONDS pass before that estimate
+    is due, `overdue` (which a watch thread polls while the loop is busy in a step) gives at once a
+    first one, from the steps done so far or, if none is, a lower bound: the first step's time so far."""
 
     def __init__(self, first_step: int, clock: Callable[[], float] = time.perf_counter):
         self.first_step, self.clock = first_step, clock
         self.started = self.last = clock()
-        self.times: list[float] = []
+        self.times: list[float] = []  # of the steps after the first
+        self.first_seconds = 0.0
         self.steps_done = 0
         self.estimated = self.warned = False
         self._lock = threading.Lock()  # the watch thread and the loop both decide what to say
@@ -160,20 +162,25 @@ class StepClock:
                 return None
             if step > self.first_step:
                 self.times.append(seconds)
+            else:
+                self.first_seconds = seconds
             due = len(self.times) >= ESTIMATE_STEPS or (self.times and self.clock() - self.started >= ESTIMATE_SECONDS)
             if not due:
                 return None
             self.estimated = True
             return statistics.median(self.times)
 
-    def overdue(self) -> float | None:
-        """How long the first step has been running, once that is past ESTIMATE_SECONDS (said once)."""
+    def overdue(self) -> tuple[float, bool] | None:
+        """Once ESTIMATE_SECONDS have passed with no estimate yet (said once): (seconds per step, whether
+        that is only a lower bound, the first step being still running)."""
         with self._lock:
             elapsed = self.clock() - self.started
-            if self.steps_done or self.warned or elapsed < ESTIMATE_SECONDS:
+            if self.estimated or self.warned or elapsed < ESTIMATE_SECONDS:
                 return None
             self.warned = True
-            return elapsed
+            if not self.steps_done:
+                return elapsed, True
+            return (statistics.median(self.times) if self.times else self.first_seconds), False
 
 
 def auto_checkpoint_interval(seconds_per_step: float) -> int:
@@ -348,9 +355,10 @@ class Trainer:
 
         def watch() -> None:
             while not done.wait(1.0):
-                elapsed = self.clock.overdue()
-                if elapsed is not None:
-                    self.log(self._estimate_line(elapsed, self.step, still_running=True))
+                early = self.clock.overdue()
+                if early is not None:
+                    per_step, lower_bound = early
+                    self.log(self._estimate_line(per_step, self.step, "lower bound" if lower_bound else "early"))
                     return
 
         thread = threading.Thread(target=watch, daemon=True, name="gpt2train-estimate")
@@ -421,12 +429,18 @@ class Trainer:
             self.log(f"checkpoint saved: {self.state.save(self.step, position=_rewind_position(pending))}")
         return None
 
-    def _estimate_line(self, per_step: float, step: int, still_running: bool = False) -> str:
+    def _estimate_line(self, per_step: float, step: int, kind: str = "measured") -> str:
+        """The estimate as printed; `kind`: measured, early (from the few steps done, a measured one
+        follows) or lower bound (the first step is still running)."""
         config = self.config
         total = per_step * (config.max_steps - step)
-        if still_running:
+        if kind == "lower bound":
             line = (f"estimated time to max steps ({config.max_steps:,}): more than {format_duration(total)}, at more "
                     f"than {per_step:.0f} s/step (the first step is still running)")
+        elif kind == "early":
+            line = (f"estimated time to max steps ({config.max_steps:,}): about {format_duration(total)} more at "
+                    f"{per_step:.1f} s/step, from the first {step} step{'s' if step > 1 else ''} (a steadier "
+                    "estimate follows)")
         else:
             line = (f"estimated time to max steps ({config.max_steps:,}): {format_duration(total)} more at "
                     f"{per_step:.2f} s/step (less if the target is reached first)")
