@@ -439,7 +439,7 @@ class Trainer:
                     f"than {per_step:.0f} s/step (the first step is still running)")
         elif kind == "early":
             line = (f"estimated time to max steps ({config.max_steps:,}): about {format_duration(total)} more at "
-                    f"{per_step:.1f} s/step, from the first {step} step{'s' if step > 1 else ''} (a steadier "
+                    f"{per_step:.1f} s/step, from the first {f'{step} steps' if step > 1 else 'step'} (a steadier "
                     "estimate follows)")
         else:
             line = (f"estimated time to max steps ({config.max_steps:,}): {format_duration(total)} more at "
