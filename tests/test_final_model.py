@@ -7,7 +7,7 @@ from conftest import tiny_config
 from gpt2train import GPT, GPTConfig, load_model, train
 from gpt2train.checksum import seal_archive
 from gpt2train.errors import UserError
-from gpt2train.final_model import read_final_model, save_final_model
+from gpt2train.final_model import claim_final_model, read_final_model, save_final_model, written_by
 
 
 def small_model():
@@ -144,3 +144,20 @@ def test_the_run_that_wrote_the_final_model_may_replace_it_when_resumed(tmp_path
     assert again.reached_target and again.steps > first.steps
     saved = torch.load(again.final_model_path, weights_only=True)
     assert saved["step"] == again.steps and saved["run"]["id"] == torch.load(first.final_model_path.parent / "final_model.pt", weights_only=True)["run"]["id"]
+
+
+@pytest.mark.parametrize("name", ["final_model.pt", "final_model.safetensors"])
+def test_a_final_model_is_claimed_only_by_the_run_that_wrote_it(tmp_path, name):
+    if name.endswith(".safetensors"):
+        pytest.importorskip("safetensors")
+    path = tmp_path / name
+    claim_final_model(path, "any", overwrite=False)  # nothing there yet
+    save_final_model(small_model(), path, step=1, best_loss=1.0, run={"id": "first", "dir": "/runs/first"})
+    assert written_by(path) == {"id": "first", "dir": "/runs/first"}
+    claim_final_model(path, "first", overwrite=False)  # its own run may replace it
+    claim_final_model(path, "second", overwrite=True)  # and anyone, when told to
+    with pytest.raises(UserError, match=f"{path} holds a final model written by the run in /runs/first"):
+        claim_final_model(path, "second", overwrite=False)
+    path.write_bytes(b"not a model")  # a file no run can be named for is not replaced silently either
+    with pytest.raises(UserError, match="by an older gpt2train or another program"):
+        claim_final_model(path, "second", overwrite=False)
