@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/gpu.sh LOGDIR: the GPU figures of the speed issue, from a checkout, offline, in at most ~8 minutes.
+# bench/gpu.sh LOGDIR: the GPU speed figures and their targets (BENCHMARKS.md), from a checkout, offline, in at most ~8 minutes.
 #
 #   bash bench/gpu.sh gpu-logs                   # on a machine with one CUDA GPU, in the repository root
 #   GPU_SH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu.sh /tmp/gpu-smoke    # the same on a CPU, tiny model
@@ -26,7 +26,7 @@
 #      last checkpoints (the runs end at max_steps, so they write no final model) (det-*.log).
 #   d. `python -m pytest -m gpu -q` (with -n 4 where pytest-xdist is installed), alongside part c, which
 #      times nothing (pytest.log).
-# Last, a Markdown table of every figure with PASS/FAIL against the issue's targets, also in
+# Last, a Markdown table of every figure with PASS/FAIL against the targets, also in
 # LOGDIR/summary.md. Exit status: 0 when every judged row passes, 1 otherwise.
 #
 # GPU_SH_SMOKE=1 runs every part end to end on a CPU in a few minutes: the tiny preset, a few steps, a
