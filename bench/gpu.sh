@@ -14,8 +14,9 @@
 # FAIL and the others still run):
 #   a. `gpt2train bench` at batch 8 x 1024 (--steps 30 --warmup 8) and 32 x 1024 (--steps 15 --warmup 5):
 #      the variants gpt2train and compiled (the standard compiled recipe) at both sizes and
-#      gpt2train-deterministic and gpt2train with --fused-loss (its peak memory against the 4.5 GB
-#      target) at 8 x 1024, each variant a process of its own (bench-*.json);
+#      gpt2train-deterministic, gpt2train with --fused-loss (its peak memory against the 4.5 GB
+#      target) and gpt2train with --compile-blocks (its compile and warm-up time beside the others')
+#      at 8 x 1024, each variant a process of its own (bench-*.json);
 #      GPU_SH_EAGER=1 adds the eager variant at 8 x 1024.
 #   b. time to target: `gpt2train train` with all defaults in a fresh directory, cold (an empty
 #      TORCHINDUCTOR_CACHE_DIR) and then warm (the same cache), every output line time-stamped from
@@ -121,10 +122,13 @@ fi
 
 # --- a. bench ----------------------------------------------------------------------------------
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-bench"
-bench() {  # SIZE NAME FLAGS...: one variant in a process of its own; NAME is VARIANT or VARIANT+fused (--fused-loss)
-    local size=$1 name=$2 variant=${2%%+*} rc=0
+bench() {  # SIZE NAME FLAGS...: one variant in a process of its own; NAME is VARIANT, or VARIANT+fused
+    local size=$1 name=$2 variant=${2%%+*} rc=0  # (--fused-loss) or VARIANT+blocks (--compile-blocks)
     shift 2
-    [ "$name" = "$variant+fused" ] && set -- "$@" --fused-loss
+    case $name in
+        *+fused) set -- "$@" --fused-loss ;;
+        *+blocks) set -- "$@" --compile-blocks ;;
+    esac
     note "bench $size $name"
     timeout -k 10 "$(left 120)" "$PY" -m gpt2train bench "${BENCH[@]}" "$@" --variant "$variant" --json \
         > "$LOG/bench-$size-$name.json" 2> "$LOG/bench-$size-$name.err" || rc=$?
@@ -136,6 +140,7 @@ bench 32x1024 gpt2train "${BENCH_32[@]}"
 bench 32x1024 compiled "${BENCH_32[@]}"
 bench 8x1024 gpt2train-deterministic "${BENCH_8[@]}"
 bench 8x1024 gpt2train+fused "${BENCH_8[@]}"
+bench 8x1024 gpt2train+blocks "${BENCH_8[@]}"
 if [ "${GPU_SH_EAGER:-0}" = 1 ]; then
     bench 8x1024 eager "${BENCH_8[@]}"
 fi
@@ -296,7 +301,7 @@ env = dict(line.split(": ", 1) for line in (log / "env.txt").read_text().splitli
 results = {}
 for size, variant in [("8x1024", "gpt2train"), ("8x1024", "compiled"), ("32x1024", "gpt2train"),
                       ("32x1024", "compiled"), ("8x1024", "gpt2train-deterministic"), ("8x1024", "gpt2train+fused"),
-                      ("8x1024", "eager")]:
+                      ("8x1024", "gpt2train+blocks"), ("8x1024", "eager")]:
     if (log / f"bench-{size}-{variant}.rc").exists():
         results[size, variant] = bench(size, variant)
         if results[size, variant] is None:
@@ -326,6 +331,12 @@ if fused:
     gb = fused["peak_memory_mb"] * 2**20 / 1e9
     row(f"step {fused['shape']}, gpt2train --fused-loss", f"{fused['ms_per_step']:.1f} ms, peak {gb:.2f} GB",
         "<= 4.5 GB", gb <= 4.5)
+blocks = results.get(("8x1024", "gpt2train+blocks"))
+if blocks:
+    row(f"step {blocks['shape']}, gpt2train --compile-blocks", f"{blocks['ms_per_step']:.1f} ms", "recorded")
+for name in ("gpt2train", "compiled", "gpt2train+blocks"):
+    if results.get(("8x1024", name)) and "warmup_s" in results["8x1024", name]:
+        row(f"compile and warm-up, {name} 8x1024", f"{results['8x1024', name]['warmup_s']:.1f} s", "recorded")
 eager = results.get(("8x1024", "eager"))
 if eager:
     row(f"step {eager['shape']}, eager (median)", f"{eager['ms_per_step']:.1f} ms", "")

@@ -19,6 +19,13 @@ def test_one_process_is_left_as_it_is_or_compiled():
     assert compiled.forward is not model and compiled.forward._orig_mod is model  # shares its weights
 
 
+def test_compiling_the_blocks_compiles_each_block_in_place():
+    model = GPT(CONFIG)
+    parallel = parallelize(model, CPU, torch.float32, compile=True, compile_blocks=True)
+    assert parallel.forward is model  # the model itself is not wrapped
+    assert all(block._compiled_call_impl is not None for block in model.shard_units())
+
+
 def test_full_state_dicts_keep_the_tied_weight_as_one_tensor_and_load_back():
     torch.manual_seed(0)
     model = GPT(CONFIG)

@@ -54,6 +54,7 @@ class VariantResult:
     mfu: float  # achieved over the device's peak
     peak_memory_mb: float
     loss: float  # of the last step read, to see that every variant computes the same thing
+    warmup_s: float  # the untimed first steps, compilation included
 
 
 def flops_per_step(model: GPTConfig, batch_size: int, seq_len: int) -> float:
@@ -123,9 +124,11 @@ def run_variant(config: TrainConfig, variant: str, steps: int, warmup: int) -> V
         step = compiled_step(model, dtype, device, config, x, y)
     else:
         step = eager_step(model, dtype, device, config.lr, config.weight_decay, config.grad_clip, x, y)
+    started = time.perf_counter()
     for _ in range(warmup):
         step()
     _sync(device)
+    warmup_s = time.perf_counter() - started
     # Host time between steps, as the training loop sees it: once the device's queue is full, that
     # is the device's time per step, and whatever the host does in between is hidden or not.
     times = []
@@ -139,7 +142,7 @@ def run_variant(config: TrainConfig, variant: str, steps: int, warmup: int) -> V
     return VariantResult(
         variant=variant, dtype=dtype_name(dtype), ms_per_step=seconds * 1000,
         tokens_per_s=config.tokens_per_step / seconds, tflops=tflops, mfu=tflops / peak_tflops(device, dtype),
-        peak_memory_mb=_peak_memory_mb(device), loss=float(loss),
+        peak_memory_mb=_peak_memory_mb(device), loss=float(loss), warmup_s=warmup_s,
     )
 
 
@@ -258,11 +261,11 @@ def describe(config: TrainConfig, results: list[VariantResult], device: torch.de
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, vocab {m.vocab_size:,} | "
         f"batch {config.batch_size} x {config.seq_len} = {config.tokens_per_step:,} tokens per step",
         f"{'variant':{width}s} {'dtype':9s} {'ms/step':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
-        f"{'peak MB':>8s} {'loss':>8s}",
+        f"{'peak MB':>8s} {'loss':>8s} {'warm-up s':>9s}",
     ]
     for r in results:
         lines.append(f"{r.variant:{width}s} {r.dtype:9s} {r.ms_per_step:9.1f} {r.tokens_per_s:10,.0f} {r.tflops:8.3f} "
-                     f"{r.mfu:6.1%} {r.peak_memory_mb:8.0f} {r.loss:8.4f}")
+                     f"{r.mfu:6.1%} {r.peak_memory_mb:8.0f} {r.loss:8.4f} {r.warmup_s:9.1f}")
     base = results[0]
     for other in results[1:]:
         lines.append(f"{base.variant} is {base.tokens_per_s / other.tokens_per_s:.2f}x the tokens/s of {other.variant}")

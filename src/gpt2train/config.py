@@ -44,6 +44,9 @@ class TrainConfig:
     compile: bool | None = _opt(None, "torch.compile the model for training (default: on CUDA GPUs only)", RUN)
     deterministic: bool = _opt(False, "deterministic kernels only: two runs with the same seed on the same machine "
                                "and software give the same losses and weights, at some cost in speed", RUN)
+    compile_blocks: bool = _opt(False, "with compile, compile each transformer block on its own (all share one "
+                                "compiled graph) instead of the whole model, to compile in less time; the "
+                                "embeddings and the output layer run uncompiled", RUN)
     fused_loss: bool = _opt(False, "compute the output layer and the loss together, 1,024 positions at a time, never "
                             "holding the whole batch's logits: the same loss in less memory", RUN)
     fsdp: bool = _opt(False, "under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) "

@@ -29,12 +29,19 @@ class Parallelized:
 
 
 def parallelize(model: GPT, device: torch.device, dtype: torch.dtype, world: World = World(), fsdp: bool = False,
-                compile: bool = False) -> Parallelized:
-    """Shard (FSDP2) or replicate (DDP) the model over the ranks, and compile it.
+                compile: bool = False, compile_blocks: bool = False) -> Parallelized:
+    """Shard (FSDP2) or replicate (DDP) the model over the ranks, and compile it: as a whole, or
+    with `compile_blocks` each shard unit (transformer block) on its own, in place.
 
     Build the optimizer after this: under FSDP it must hold the shards. On one process the model
     is only compiled, if asked.
     """
+    if compile and compile_blocks:
+        # The blocks are alike, so they share one compiled graph: compiled once, not twelve times
+        # over in one whole-model graph. Before sharding, as FSDP2 expects compiled units.
+        for unit in model.shard_units():
+            unit.compile()
+        compile = False
     sharded = fsdp and world.distributed
     if sharded:
         if dtype == torch.float16:

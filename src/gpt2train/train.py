@@ -194,7 +194,8 @@ def build_stepper(model: GPT, config: TrainConfig, device: torch.device, dtype: 
                   world: World = World()) -> Stepper:
     """The training step for `model`: parallelized and compiled from outside, then the optimizer over
     what each rank holds."""
-    parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=use_compile(config.compile, device))
+    parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=use_compile(config.compile, device),
+                           compile_blocks=config.compile_blocks)
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     return Stepper(model, optimizer, device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded,
                    fused_loss=config.fused_loss)
