@@ -335,8 +335,9 @@ blocks = results.get(("8x1024", "gpt2train+blocks"))
 if blocks:
     row(f"step {blocks['shape']}, gpt2train --compile-blocks", f"{blocks['ms_per_step']:.1f} ms", "recorded")
 for name in ("gpt2train", "compiled", "gpt2train+blocks"):
-    if results.get(("8x1024", name)) and "warmup_s" in results["8x1024", name]:
-        row(f"compile and warm-up, {name} 8x1024", f"{results['8x1024', name]['warmup_s']:.1f} s", "recorded")
+    timed = results.get(("8x1024", name))
+    if timed and "warmup_s" in timed:
+        row(f"compile and warm-up {timed['shape']}, {name}", f"{timed['warmup_s']:.1f} s", "recorded")
 eager = results.get(("8x1024", "eager"))
 if eager:
     row(f"step {eager['shape']}, eager (median)", f"{eager['ms_per_step']:.1f} ms", "")
