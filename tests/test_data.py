@@ -10,7 +10,7 @@ from conftest import SMALL_TEXT, tiny_config
 from gpt2train import prepare, train
 from gpt2train.corpus import load_corpus
 from gpt2train.data import (
-    HEADER, RandomWindowSampler, SequentialSampler, TokenSource, read_tokens, shard_name, token_header,
+    HEADER, RandomWindowSampler, SequentialSampler, TokenSource, read_tokens, token_header,
 )
 from gpt2train.errors import UserError
 from gpt2train.prefetch import Prefetcher

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from gpt2train import GPT, GPTConfig
 from gpt2train.optim import build_optimizer, lr_at

@@ -80,7 +80,8 @@ class TrainConfig:
     checkpoint_interval: int = _opt(0, "steps between checkpoints; 0: about every 10 minutes of training", CHECKPOINTS)
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep", CHECKPOINTS)
     resume: str = _opt("", "continue a run: 'latest' (the newest checkpoint in run_dir), a checkpoint file or a run directory", CHECKPOINTS)
-    overwrite: bool = _opt(False, "start a new run in a run_dir that holds an earlier run's checkpoints, deleting them", CHECKPOINTS)
+    overwrite: bool = _opt(False, "start a new run where an earlier run left its files: delete the checkpoints in "
+                           "run_dir, and let this run's final model replace another run's in out_dir", CHECKPOINTS)
     max_bad_steps: int = _opt(10, "stop after this many steps in a row with a non-finite loss or gradient", CHECKPOINTS)
     # The settings given explicitly (config file and overrides, not the preset's): what a resumed
     # run applies on top of its checkpoint's config.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checksum import archive_sealed, content_digest, seal_archive
+from .checksum import content_digest, seal_archive
 from .errors import UserError
 from .files import atomic_write, load_weights_only
 from .hf import read_hf_model

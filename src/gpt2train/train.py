@@ -18,7 +18,7 @@ import torch
 from . import distributed
 from .checkpoint import MAX_STEPS, TARGET_REACHED, RunState, clear_earlier_run, latest_checkpoint, start_run
 from .config import TrainConfig
-from .corpus import Corpus, load_corpus
+from .corpus import load_corpus
 from .data import SAMPLERS
 from .distributed import World, world_from_env
 from .errors import UserError
