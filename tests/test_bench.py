@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
+from helpers import run_cli
 
-from conftest import run_cli
 from gpt2train import GPTConfig
 from gpt2train.bench import flops_per_step
 

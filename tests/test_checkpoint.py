@@ -4,8 +4,8 @@ import pickle
 
 import pytest
 import torch
+from helpers import tiny_config
 
-from conftest import tiny_config
 from gpt2train import train
 from gpt2train.checkpoint import (
     CHECKPOINT_FORMAT, find_checkpoint, latest_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint,

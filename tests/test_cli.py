@@ -3,8 +3,8 @@
 import re
 
 import torch
+from helpers import TINY_FLAGS, run_cli
 
-from conftest import TINY_FLAGS, run_cli
 from gpt2train import GPT, GPTConfig
 
 

@@ -5,16 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL_TEXT, tiny_config
 
-from conftest import SMALL_TEXT, tiny_config
 from gpt2train import prepare, train
 from gpt2train.corpus import load_corpus
-from gpt2train.data import (
-    HEADER, RandomWindowSampler, SequentialSampler, TokenSource, read_tokens, token_header,
-)
+from gpt2train.data import HEADER, RandomWindowSampler, SequentialSampler, TokenSource, read_tokens, token_header
 from gpt2train.errors import UserError
-from gpt2train.prefetch import Prefetcher
 from gpt2train.tokenizer import EOT_ID, get_tokenizer
+from gpt2train.training.prefetch import Prefetcher
 
 
 def _token_file(tmp_path, ids):

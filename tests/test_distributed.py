@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import STEP, TINY_FLAGS, logged_losses, run_cli, start_and_wait_for
 
-from conftest import STEP, TINY_FLAGS, logged_losses, run_cli, start_and_wait_for
 from gpt2train import load_model
 from gpt2train.checkpoint import list_checkpoints
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
+from helpers import TINY_FLAGS, cli, snapshot, tiny_config
 
-from conftest import TINY_FLAGS, cli, snapshot, tiny_config
 from gpt2train import GPT, GPTConfig, train
 from gpt2train.data import HEADER, shard_name
 from gpt2train.final_model import save_final_model

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_cli
 
-from conftest import run_cli
 from gpt2train import GPT, GPTConfig, get_tokenizer
 from gpt2train.evaluate import evaluate
 from gpt2train.final_model import save_final_model

@@ -2,8 +2,8 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_config
 
-from conftest import tiny_config
 from gpt2train import GPT, GPTConfig, load_model, train
 from gpt2train.checksum import seal_archive
 from gpt2train.errors import UserError

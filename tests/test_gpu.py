@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
+from helpers import TINY_FLAGS, logged_losses, run_cli, start_and_wait_for
 
-from conftest import TINY_FLAGS, logged_losses, run_cli, start_and_wait_for
 from gpt2train import load_model
 from gpt2train.checkpoint import list_checkpoints
 

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 # Every test here builds or loads transformers' GPT-2 (pip install 'gpt2train[hf]'); transformers itself
 # requires safetensors, which writing an export needs.
 pytest.importorskip("transformers")
+from helpers import cli, run_cli, snapshot
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import cli, run_cli, snapshot
 from gpt2train import GPT, GPTConfig, generate, get_tokenizer, load_model, train
-from gpt2train.checkpoint import resume_changes
 from gpt2train.config import resolve_config
 from gpt2train.corpus import load_corpus
 from gpt2train.data import RandomWindowSampler
@@ -27,6 +26,7 @@ from gpt2train.errors import UserError
 from gpt2train.final_model import save_final_model
 from gpt2train.hf import export_hf, read_hf_model
 from gpt2train.tokenizer import EOT_ID, GPT2_VOCAB_SIZE
+from gpt2train.training.start import resume_changes
 
 PROMPT = [464, 2068, 7586, 21831]  # "The quick brown fox"
 

@@ -4,8 +4,8 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import quiet, run_cli, tiny_config
 
-from conftest import quiet, run_cli, tiny_config
 from gpt2train import train
 from gpt2train.config import resolve_config
 from gpt2train.errors import UserError

@@ -1,11 +1,15 @@
 import pytest
 
 from gpt2train import GPT, GPTConfig
-from gpt2train.optim import build_optimizer, lr_at
+from gpt2train.training.optim import build_optimizer
+from gpt2train.training.schedule import WarmupCosine
+
+SEED = WarmupCosine(max_lr=6e-4, min_lr=6e-5, warmup_steps=2000, max_steps=20000)
 
 
-def seed_lr(step):
-    return lr_at(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=2000, max_steps=20000)
+def seed_lr(done):
+    """The learning rate of the update after `done` completed ones (step done + 1)."""
+    return SEED.lr(done + 1)
 
 
 def test_lr_schedule_at_the_seed_milestones():

@@ -4,8 +4,8 @@ import torch
 
 from gpt2train import GPT, GPTConfig
 from gpt2train.model import TIED_WEIGHTS
-from gpt2train.optim import build_optimizer
-from gpt2train.parallel import full_state_dicts, load_full_state_dicts, parallelize
+from gpt2train.training.optim import build_optimizer
+from gpt2train.training.parallel import FullModelState, FullOptimizerState, parallelize
 
 CPU = torch.device("cpu")
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
@@ -32,11 +32,12 @@ def test_full_state_dicts_keep_the_tied_weight_as_one_tensor_and_load_back():
     optimizer = build_optimizer(model, 1e-3, 0.1)
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     optimizer.step()
-    weights, moments = full_state_dicts(model, optimizer)
+    weights, moments = FullModelState(model).state_dict(), FullOptimizerState(model, optimizer).state_dict()
     (tied, source), = TIED_WEIGHTS.items()
     assert weights[tied] is weights[source]
     other = GPT(CONFIG)
     other_optimizer = build_optimizer(other, 1e-3, 0.1)
-    load_full_state_dicts(other, other_optimizer, weights, moments)
+    FullModelState(other).load_state_dict(weights)
+    FullOptimizerState(other, other_optimizer).load_state_dict(moments)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])

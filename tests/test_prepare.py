@@ -10,8 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import run_cli, snapshot
 
-from conftest import run_cli, snapshot
 from gpt2train import prepare
 from gpt2train.corpus import load_corpus
 from gpt2train.download import cached_path

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
-from conftest import (
-    final_model_without_run,
-    TINY_FLAGS, logged_losses, prepare_small_corpus, quiet, run_cli, start_and_wait_for, tiny_config,
+from helpers import (
+    TINY_FLAGS, final_model_without_run, logged_losses, prepare_small_corpus, quiet, run_cli, start_and_wait_for,
+    tiny_config,
 )
+
 from gpt2train import train
 from gpt2train.checkpoint import list_checkpoints
 from gpt2train.errors import UserError

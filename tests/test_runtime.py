@@ -3,8 +3,8 @@ the verdict is the same on any CPU or GPU host."""
 
 import pytest
 import torch
+from helpers import tiny_config
 
-from conftest import tiny_config
 from gpt2train import runtime, train
 from gpt2train.errors import UserError
 from gpt2train.runtime import cpu_has_bf16_matmul, resolve_device, resolve_dtype, use_compile
@@ -217,8 +217,8 @@ def test_a_run_asked_to_be_deterministic_is(tmp_path, small_corpus, deterministi
 
 
 def test_deterministic_may_change_on_resume():
-    from gpt2train.checkpoint import RESUME_LOCKED_KEYS
     from gpt2train.config import TrainConfig
+    from gpt2train.training.start import RESUME_LOCKED_KEYS
 
     assert TrainConfig().deterministic is False
     assert "deterministic" not in RESUME_LOCKED_KEYS
@@ -236,7 +236,7 @@ def test_the_bench_variant_times_the_deterministic_path(deterministic_state):
 
 
 def test_two_deterministic_runs_print_the_same_losses(tmp_path, small_corpus):
-    from conftest import TINY_FLAGS, logged_losses, run_cli
+    from helpers import TINY_FLAGS, logged_losses, run_cli
 
     outputs = []
     for name in ("a", "b"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
+from helpers import run_cli
 
-from conftest import run_cli
 from gpt2train import GPT, GPTConfig, generate
 from gpt2train.final_model import save_final_model
 from gpt2train.model import KVCache

@@ -5,9 +5,9 @@ import torch
 
 from gpt2train import GPT, GPTConfig
 from gpt2train.bench import eager_step
-from gpt2train.optim import build_optimizer
-from gpt2train.parallel import parallelize
-from gpt2train.step import Flags, Stepper
+from gpt2train.training.optim import build_optimizer
+from gpt2train.training.parallel import parallelize
+from gpt2train.training.step import Flags, Pipeline, Stepper
 
 CPU = torch.device("cpu")
 
@@ -62,11 +62,12 @@ def test_the_pipeline_reads_the_same_steps_one_step_late():
     runs = {}
     for lag in (0, 1):
         torch.manual_seed(1)
-        stepper = make_stepper(GPT(config))
-        steps = stepper.run(1, 5, lambda step: ({"before": step}, batches[step - 1]), lambda step: 1e-3,
-                            lambda step: Flags(), lag)
+        pipeline = Pipeline(make_stepper(GPT(config)), lag)
+        pushed = [pipeline.push(step, batches[step - 1], 1e-3, Flags(), {"before": step}) for step in range(1, 6)]
+        steps = [p for p in [*pushed, pipeline.flush()] if p is not None]
         handed = [(p.step, p.result().loss, p.queued_after.step if p.queued_after else None) for p in steps]
         runs[lag] = handed
+        assert [p.position for p in steps] == [{"before": step} for step in range(1, 6)]
     assert [step for step, _, _ in runs[0]] == [1, 2, 3, 4, 5]
     assert [loss for _, loss, _ in runs[1]] == [loss for _, loss, _ in runs[0]]
     assert [queued for _, _, queued in runs[0]] == [None] * 5

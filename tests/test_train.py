@@ -4,10 +4,10 @@ import time
 
 import pytest
 import torch
+from helpers import final_model_without_run, tiny_config
 
-from conftest import final_model_without_run, tiny_config
 from gpt2train import GPT, GPTConfig, load_model, train
-from gpt2train.train import Trainer
+from gpt2train.training.loop import Trainer
 
 STEP_LINE = re.compile(r"^step \d+ \| loss: \d+\.\d{4} \| best_loss: \d+\.\d{4} \| time: \d+\.\d{2}s$")
 
@@ -175,7 +175,7 @@ def test_the_cli_exit_status_for_a_diverged_run_is_its_own(tmp_path, small_corpu
 
 
 def test_loss_spikes_are_reported():
-    from gpt2train.train import LossMonitor
+    from gpt2train.training.monitor import LossMonitor
 
     monitor = LossMonitor()
     for step in range(1, 41):
@@ -219,7 +219,7 @@ class FakeClock:
 
 
 def test_a_slow_first_step_gets_an_estimate_within_30_seconds():
-    from gpt2train.train import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -234,7 +234,7 @@ def test_a_slow_first_step_gets_an_estimate_within_30_seconds():
 
 
 def test_fast_steps_are_estimated_after_eight_and_never_warned_about():
-    from gpt2train.train import ESTIMATE_STEPS, StepClock
+    from gpt2train.training.report import ESTIMATE_STEPS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -245,7 +245,7 @@ def test_fast_steps_are_estimated_after_eight_and_never_warned_about():
 
 
 def test_a_first_step_done_but_no_estimate_due_at_30_seconds_gives_an_early_one():
-    from gpt2train.train import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -258,7 +258,7 @@ def test_a_first_step_done_but_no_estimate_due_at_30_seconds_gives_an_early_one(
 
 
 def test_while_a_slow_first_step_runs_a_watch_prints_a_lower_bound(tmp_path, small_corpus):
-    from gpt2train.train import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
 
     lines = []
     trainer = Trainer(tiny_config(tmp_path, small_corpus, preset="gpt2", max_steps=20000, warmup_steps=5),
@@ -266,12 +266,11 @@ def test_while_a_slow_first_step_runs_a_watch_prints_a_lower_bound(tmp_path, sma
     clock = FakeClock()
     trainer.clock = StepClock(first_step=1, clock=clock)
     clock.now += ESTIMATE_SECONDS + 10  # the first step has been running 40 s
-    stop_watching = trainer._watch_first_step()
-    for _ in range(50):  # the watch looks once a second
-        if any(line.startswith("estimated") for line in lines):
-            break
-        time.sleep(0.1)
-    stop_watching()
+    with trainer.clock.watch(trainer._say_estimate):
+        for _ in range(50):  # the watch looks once a second
+            if any(line.startswith("estimated") for line in lines):
+                break
+            time.sleep(0.1)
     estimate = next(line for line in lines if line.startswith("estimated"))
     assert estimate.startswith("estimated time to max steps (20,000): more than 9.3 days, at more than 40 s/step")
     assert "try `--preset tiny`" in estimate

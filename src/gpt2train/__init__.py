@@ -6,7 +6,7 @@ from .model import GPT, GPTConfig
 from .prepare import prepare
 from .sample import generate
 from .tokenizer import get_tokenizer
-from .train import train
+from .training.loop import train
 
 __version__ = "0.1.0"
 __all__ = [

@@ -6,6 +6,7 @@ peaks of one never leak into another, and the comparison is side by side on the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -21,10 +22,9 @@ import torch
 from .config import TrainConfig
 from .errors import UserError
 from .model import GPT, GPTConfig, KVCache
-from .optim import build_optimizer
 from .runtime import autocast, configure_backends, dtype_name, resolve_device, resolve_dtype
-from .step import Flags
-from .train import build_stepper
+from .training.optim import build_optimizer
+from .training.step import Flags, Pipeline, build_stepper
 
 # Dense bf16 matrix peaks from the datasheets, TFLOP/s, by a name fragment torch reports.
 GPU_PEAK_TFLOPS = {
@@ -149,10 +149,16 @@ def run_variant(config: TrainConfig, variant: str, steps: int, warmup: int) -> V
 def gpt2train_step(model: GPT, dtype: torch.dtype, device: torch.device, config: TrainConfig, x: torch.Tensor,
                    y: torch.Tensor):
     """The training loop's own step and pipeline: on a GPU each step is read after the next is queued."""
-    stepper = build_stepper(model, config, device, dtype)
-    steps = stepper.run(1, 2**62, lambda step: (None, [(x, y)]), lambda step: config.lr, lambda step: Flags(),
-                        lag=1 if device.type == "cuda" else 0)
-    return lambda: next(steps).result().loss
+    pipeline = Pipeline(build_stepper(model, config, device, dtype), lag=1 if device.type == "cuda" else 0)
+    steps = itertools.count(1)
+
+    def step() -> float:
+        done = None
+        while done is None:  # with lag 1 the first push hands back no step yet
+            done = pipeline.push(next(steps), [(x, y)], config.lr, Flags())
+        return done.result().loss
+
+    return step
 
 
 def compiled_step(model: GPT, dtype: torch.dtype, device: torch.device, config: TrainConfig, x: torch.Tensor,

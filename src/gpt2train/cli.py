@@ -15,9 +15,8 @@ import torch
 
 from .bench import VARIANTS
 from .config import (
-    FINAL_MODEL_FORMATS, MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, base_type, field_types, preset_config, resolve_config,
+    MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, base_type, field_types, preset_config, resolve_config,
 )
-from .data import SAMPLERS
 from .errors import UserError
 from .prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare, tokenize_inputs
 from .sources import DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, DIRECTORY_INCLUDE
@@ -54,21 +53,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             if title == RUN:
                 groups[title].add_argument("--config", metavar="FILE",
                                            help="TOML file of config keys (flag names with underscores)")
-        _add_typed_flag(groups[title], name, types[name], f.default, f.metadata["help"])
+        _add_typed_flag(groups[title], name, types[name], f.default, f.metadata["help"], f.metadata["choices"])
 
 
-def _add_typed_flag(group, name: str, type_: type, default, help: str) -> None:
+def _add_typed_flag(group, name: str, type_: type, default, help: str, choices: tuple = ()) -> None:
     if default is not MISSING and default is not None:
         help = f"{help} (default: {default!r})"
     type_ = base_type(type_)
     if type_ is bool:
         group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
-    elif name == "preset":
-        group.add_argument(_flag(name), dest=name, choices=list(PRESETS), default=None, help=help)
-    elif name == "format":
-        group.add_argument(_flag(name), dest=name, choices=FINAL_MODEL_FORMATS, default=None, help=help)
-    elif name == "sampling":
-        group.add_argument(_flag(name), dest=name, choices=list(SAMPLERS), default=None, help=help)
+    elif choices:
+        group.add_argument(_flag(name), dest=name, choices=choices, default=None, help=help)
     elif name == "resume":
         group.add_argument(_flag(name), dest=name, nargs="?", const="latest", default=None, metavar="PATH",
                            help="continue a run from its newest checkpoint in --run-dir, or from PATH "
@@ -204,12 +199,13 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import DIVERGED, INTERRUPTED, MAX_STEPS, train
+    from .training.loop import train
+    from .training.outcome import Outcome
 
     result = train(resolve_config(args.config, {name: getattr(args, name) for name in field_types()}))
-    if result.status == INTERRUPTED:
+    if result.status == Outcome.INTERRUPTED:
         return 128 + result.signal_number
-    return {MAX_STEPS: EXIT_TARGET_NOT_REACHED, DIVERGED: EXIT_DIVERGED}.get(result.status, 0)
+    return {Outcome.MAX_STEPS: EXIT_TARGET_NOT_REACHED, Outcome.DIVERGED: EXIT_DIVERGED}.get(result.status, 0)
 
 
 def cmd_sample(args) -> int:
@@ -309,7 +305,13 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     import tempfile
 
-    from .bench import as_json, describe, generation_report, run_in_subprocess, run_variant
+    from .bench import (
+        as_json,
+        describe,
+        generation_report,
+        run_in_subprocess,
+        run_variant,
+    )
     from .config import to_toml
     from .runtime import resolve_device
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from .data import SAMPLERS
 from .errors import UserError
+from .final_model import FILE_NAMES
 from .hf import read_hf_config
 from .model import GPTConfig
+from .runtime import DTYPES
 from .tokenizer import GPT2_VOCAB_SIZE
 
 if sys.version_info >= (3, 11):
@@ -23,9 +25,28 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
-def _opt(default, help: str, group: str):
-    """A config field with its --help text and the --help section it is listed in."""
-    return field(default=default, metadata={"help": help, "group": group})
+def _opt(default, help: str, group: str, choices: tuple = ()):
+    """A config field with its --help text, the --help section it is listed in, and the values it may take
+    (if only some): the command line and `validate` both read them from here."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": tuple(choices)})
+
+
+PRESETS: dict[str, dict] = {
+    # The seed's run: GPT-2 124M, batch 8 x 1024.
+    "gpt2": {},
+    # The larger GPT-2 shapes, with the peak learning rates GPT-3's paper used at these sizes.
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5),
+    # A few million parameters that memorise a 1K-token slice of the built-in corpus to the
+    # seed's target loss on a 2-core CPU in a few minutes. The 50,304-wide output layer is most
+    # of the cost at this size, so the model is narrow and the steps are short.
+    "tiny": dict(
+        n_layer=2, n_head=4, n_embd=128, block_size=64,
+        seq_len=64, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=1500,
+        train_tokens=1024,
+    ),
+}
 
 
 RUN, DATA, OPTIMIZATION, CHECKPOINTS = "run", "data and output", "optimization", "logging and checkpoints"
@@ -36,10 +57,10 @@ class TrainConfig:
     """Everything a training run needs besides the model shape (which lives in `model`)."""
 
     model: GPTConfig = field(default_factory=GPTConfig)
-    preset: str = _opt("gpt2", "named configuration to start from (see `gpt2train presets`)", RUN)
+    preset: str = _opt("gpt2", "named configuration to start from (see `gpt2train presets`)", RUN, PRESETS)
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", RUN)
     dtype: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16; on a CPU bf16 with AMX or AVX-512 BF16, "
-                                 "else fp32), float32, bfloat16, float16", RUN)
+                                 "else fp32), float32, bfloat16, float16", RUN, ("auto", *DTYPES))
     seed: int = _opt(1337, "random seed for weights and data order", RUN)
     compile: bool | None = _opt(None, "torch.compile the model for training (default: on CUDA GPUs only)", RUN)
     deterministic: bool = _opt(False, "deterministic kernels only: two runs with the same seed on the same machine "
@@ -56,9 +77,9 @@ class TrainConfig:
     data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus", DATA)
     train_tokens: int = _opt(0, "train on the first N tokens of the training split only; 0: all", DATA)
     sampling: str = _opt("random", "how training windows are drawn: random (anywhere, the seed's) or sequential "
-                         "(every token once per epoch, in a shuffled order)", DATA)
+                         "(every token once per epoch, in a shuffled order)", DATA, SAMPLERS)
     out_dir: str = _opt("saved_models", "where the final model is written", DATA)
-    format: str = _opt("pt", "final model file format: pt (torch.save, the seed's) or safetensors", DATA)
+    format: str = _opt("pt", "final model file format: pt (torch.save, the seed's) or safetensors", DATA, FILE_NAMES)
     batch_size: int = _opt(8, "sequences per micro-step on each rank", OPTIMIZATION)
     grad_accum: int = _opt(1, "micro-steps whose gradients add up to one optimizer step", OPTIMIZATION)
     seq_len: int = _opt(1024, "tokens per sequence (at most block_size)", OPTIMIZATION)
@@ -72,7 +93,8 @@ class TrainConfig:
     log_interval: int = _opt(10, "print a log line every N steps", CHECKPOINTS)
     eval_interval: int = _opt(500, "steps between validation-loss evaluations; 0: never", CHECKPOINTS)
     eval_tokens: int = _opt(262144, "validation tokens per evaluation; 0: the whole split", CHECKPOINTS)
-    target_metric: str = _opt("train", "which loss the target applies to: train (each step's) or val (at evaluations)", CHECKPOINTS)
+    target_metric: str = _opt("train", "which loss the target applies to: train (each step's) or val (at evaluations)",
+                              CHECKPOINTS, ("train", "val"))
     tensorboard: bool = _opt(False, "also write TensorBoard events to run_dir/tensorboard (needs gpt2train[tensorboard])", CHECKPOINTS)
     wandb: bool = _opt(False, "also log to Weights & Biases (needs gpt2train[wandb] and a wandb login)", CHECKPOINTS)
     wandb_project: str = _opt("gpt2train", "the Weights & Biases project to log to", CHECKPOINTS)
@@ -116,24 +138,6 @@ MODEL_HELP = {
     "dropout": "dropout probability (0 for pre-training)",
     "bias": "biases in Linear layers and LayerNorms",
 }
-
-PRESETS: dict[str, dict] = {
-    # The seed's run: GPT-2 124M, batch 8 x 1024.
-    "gpt2": {},
-    # The larger GPT-2 shapes, with the peak learning rates GPT-3's paper used at these sizes.
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5),
-    # A few million parameters that memorise a 1K-token slice of the built-in corpus to the
-    # seed's target loss on a 2-core CPU in a few minutes. The 50,304-wide output layer is most
-    # of the cost at this size, so the model is narrow and the steps are short.
-    "tiny": dict(
-        n_layer=2, n_head=4, n_embd=128, block_size=64,
-        seq_len=64, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=1500,
-        train_tokens=1024,
-    ),
-}
-
 
 def _field_type(dataclass_type, name: str):
     return typing.get_type_hints(dataclass_type)[name]
@@ -257,10 +261,6 @@ def preset_config(name: str) -> TrainConfig:
     return resolve_config(overrides={"preset": name})
 
 
-FINAL_MODEL_FORMATS = ("pt", "safetensors")
-TARGET_METRICS = ("train", "val")
-
-
 def validate(config: TrainConfig) -> None:
     """Reject settings that cannot train, each with the fix."""
     m = config.model
@@ -271,7 +271,6 @@ def validate(config: TrainConfig) -> None:
         (m.block_size > 0, "block_size must be positive"),
         (m.vocab_size >= GPT2_VOCAB_SIZE, f"vocab_size must be at least {GPT2_VOCAB_SIZE} (the GPT-2 tokenizer's size)"),
         (0.0 <= m.dropout < 1.0, "dropout must be in [0, 1)"),
-        (config.preset in PRESETS, f"unknown preset '{config.preset}': choose one of {', '.join(PRESETS)}"),
         (config.batch_size > 0, "batch_size must be positive"),
         (config.grad_accum > 0, "grad_accum must be at least 1"),
         (config.seq_len > 0, "seq_len must be positive"),
@@ -284,16 +283,16 @@ def validate(config: TrainConfig) -> None:
         (config.grad_clip >= 0, "grad_clip must not be negative (0 turns clipping off)"),
         (config.log_interval > 0, "log_interval must be positive"),
         (config.train_tokens >= 0, "train_tokens must not be negative (0 uses all)"),
-        (config.sampling in SAMPLERS, f"sampling must be one of {', '.join(SAMPLERS)}, not '{config.sampling}'"),
-        (config.format in FINAL_MODEL_FORMATS, f"format must be one of {', '.join(FINAL_MODEL_FORMATS)}, not '{config.format}'"),
         (config.checkpoint_interval >= 0, "checkpoint_interval must not be negative (0 picks one from the step time)"),
         (config.keep_checkpoints > 0, "keep_checkpoints must be at least 1"),
         (config.max_bad_steps > 0, "max_bad_steps must be at least 1"),
         (config.eval_interval >= 0, "eval_interval must not be negative (0 turns evaluation off)"),
         (config.eval_tokens >= 0, "eval_tokens must not be negative (0 evaluates the whole split)"),
-        (config.target_metric in TARGET_METRICS, f"target_metric must be one of {', '.join(TARGET_METRICS)}, not '{config.target_metric}'"),
         (config.target_metric != "val" or config.eval_interval > 0, "target_metric val needs evaluations: set --eval-interval"),
     ]
+    for name, f in RUN_FIELDS.items():
+        choices, value = f.metadata["choices"], getattr(config, name)
+        checks.append((not choices or value in choices, f"{name} must be one of {', '.join(choices)}, not {value!r}"))
     for ok, message in checks:
         if not ok:
             raise UserError(f"invalid configuration: {message}")

@@ -1,4 +1,5 @@
-"""The process a run lives in: device and precision, autocast, random state, signals, allocator."""
+"""The process a run lives in: device and precision, autocast, backend settings (TF32, deterministic
+kernels, the CPU allocator) and seeding."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import ctypes
 import ctypes.util
 import os
 import random
-import signal
 import sys
-import threading
 
 import numpy as np
 import torch
@@ -126,63 +125,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def rng_state() -> dict:
-    """Every global random generator's state, as tensors and plain values (safe to save)."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
-    return {
-        "python": random.getstate(),
-        "numpy": numpy_state,
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state: dict) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {**numpy_state["state"], "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopRequests:
-    """Turns SIGINT and SIGTERM into a request to stop after the current step.
-
-    The training loop polls `signal_number`; a second Ctrl-C stops at once (KeyboardInterrupt).
-    Handlers are only installed from the main thread, and restored on exit.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal_number: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signal_number is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_number = signum
-        print(
-            f"\n{signal.Signals(signum).name} received: stopping after this step to save a checkpoint "
-            "(press Ctrl-C again to quit without saving)",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def keep_freed_memory_mapped() -> None:

@@ -1,8 +1,8 @@
 """The training step, the hot path: forward and backward over the micro-batches, then the guarded
-optimizer update; and the pipeline that runs steps one after another.
+optimizer update; and `Pipeline`, which runs steps one after another.
 
 The two halves are separate so that on a GPU the pipeline queues the next step's forward and
-backward before it reads the previous step's loss: nothing in a step makes the host wait for the
+backward before the previous step's numbers are read: nothing in a step makes the host wait for the
 device. Non-finite gradients are caught on the device too: the gradient scaler skips such an
 update without the host having to look at it first. The model arrives already compiled and
 wrapped for DDP or FSDP (parallel.py); the step only calls it.
@@ -11,16 +11,19 @@ wrapped for DDP or FSDP (parallel.py); the step only calls it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from ..config import TrainConfig
+from ..model import GPT
+from ..runtime import autocast, use_compile
 from . import distributed
 from .distributed import World
-from .runtime import autocast
+from .optim import build_optimizer
+from .parallel import parallelize
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # one (inputs, targets) per micro-step
 
@@ -30,7 +33,7 @@ class Flags:
     """What any rank can raise for a step; summed over the ranks with the step's numbers, so that
     every rank takes the same decision at the same step."""
 
-    stop: bool = False  # a stop signal (SIGINT or SIGTERM) arrived
+    stop: bool = False  # a stop signal arrived
     checkpoint: bool = False  # rank 0 wants a checkpoint after this step
 
 
@@ -71,6 +74,31 @@ class PendingStep:
         loss, grad_norm, applied, stop, checkpoint = self._host.tolist()
         return StepResult(loss, grad_norm, applied > 0, stop > 0, checkpoint > 0)
 
+    @property
+    def rewind_position(self) -> dict | None:
+        """Where the data stood before the step queued after this one drew its batch, if one was."""
+        return self.queued_after.position if self.queued_after is not None else None
+
+
+class Scaler(torch.amp.GradScaler):
+    """The gradient scaler. fp16 gradients underflow without loss scaling; bf16 and fp32 keep the
+    scale at 1, where scaling changes nothing, and use the scaler only for its on-device skip of
+    non-finite steps: then it has no state worth saving."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.scaling = dtype == torch.float16
+        super().__init__(device.type, init_scale=2.0**16 if self.scaling else 1.0)
+
+    def update(self, new_scale=None) -> None:
+        super().update(new_scale if self.scaling else 1.0)
+
+    def state_dict(self) -> dict:
+        return super().state_dict() if self.scaling else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaling and state:
+            super().load_state_dict(state)
+
 
 class Stepper:
     """Runs training steps of `model` through `forward` (the model, or its compiled or DDP wrapper)."""
@@ -83,10 +111,7 @@ class Stepper:
         self.device, self.dtype, self.world, self.sharded = device, dtype, world, sharded
         self.grad_clip = grad_clip
         self.fused_loss = fused_loss  # the loss without the batch's logits (GPT.forward's return_logits=False)
-        # fp16 gradients underflow without loss scaling; bf16 and fp32 keep the scale at 1, where
-        # scaling changes nothing, and use the scaler only for its on-device skip of non-finite steps.
-        self.loss_scaling = dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if self.loss_scaling else 1.0)
+        self.scaler = Scaler(device, dtype)
 
     def forward_backward(self, batches: Batches) -> torch.Tensor:
         """Gradients of the mean loss over the micro-batches, accumulated into .grad; returns that loss.
@@ -130,7 +155,7 @@ class Stepper:
                 self.optimizer.step()
         else:
             self.scaler.step(self.optimizer)  # skipped, on the device, when a gradient is not finite
-            self.scaler.update(None if self.loss_scaling else 1.0)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         # Built on the device: a tensor made from host values would be a blocking copy on a GPU.
         shared = torch.zeros(3, device=self.device)
@@ -146,35 +171,54 @@ class Stepper:
         """Drop gradients that were computed but will not be applied."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    def run(self, first: int, last: int, draw: Callable[[int], tuple[dict | None, Batches]],
-            lr: Callable[[int], float], flags: Callable[[int], Flags], lag: int) -> Iterator[PendingStep]:
-        """Run steps first..last, yielding each once its update is queued; `.result()` reads it.
 
-        `draw(step)` gives (the data position before the step, its micro-batches). With lag 1 the
-        next step's forward and backward are queued before a step is yielded (its `queued_after`):
-        a caller that stops there must call `discard()`, and resumes from that step's position.
-        """
-        in_flight: PendingStep | None = None
-        for step in range(first, last + 1):
-            position, batches = draw(step)
-            launched = PendingStep(step, self.forward_backward(batches), position)
-            if in_flight is not None:
-                in_flight.queued_after = launched
-                yield in_flight
-            launched.record(self.update(lr(step), launched.loss, flags(step)))
-            in_flight = launched
-            if lag == 0:
-                yield in_flight
-                in_flight = None
-        if in_flight is not None:
-            yield in_flight
+class Pipeline:
+    """Steps one after another, each handed back to be read once its numbers are on their way.
 
-    def scaler_state(self) -> dict:
-        return self.scaler.state_dict() if self.loss_scaling else {}
+    With lag 0 a step is handed back after its update is queued. With lag 1 (GPUs) it is handed
+    back once the next step's forward and backward are queued too, so that the device is busy while
+    the host reads; that next step's update is queued only on the following `push`, so a step that
+    ends the run is never followed by an applied one: the caller drops its gradients
+    (`stepper.discard()`) and rewinds the data to the dropped step's position (`rewind_position`).
+    """
 
-    def load_scaler_state(self, state: dict) -> None:
-        if self.loss_scaling and state:
-            self.scaler.load_state_dict(state)
+    def __init__(self, stepper: Stepper, lag: int):
+        self.stepper, self.lag = stepper, lag
+        self._launched: PendingStep | None = None  # forward and backward queued, update not yet
+        self._update = (0.0, Flags())  # its learning rate and flags
+
+    def push(self, step: int, batches: Batches, lr: float, flags: Flags, position: dict | None = None) -> PendingStep | None:
+        """Queue `step` (drawn at data `position`); the step to read now, if any: with lag 0 this
+        one, with lag 1 the one before it."""
+        before = self._finish()
+        launched = PendingStep(step, self.stepper.forward_backward(batches), position)
+        if before is not None:
+            before.queued_after = launched
+        self._launched, self._update = launched, (lr, flags)
+        return self._finish() if self.lag == 0 else before
+
+    def flush(self) -> PendingStep | None:
+        """After the last push: the last step, its update queued, to read."""
+        return self._finish()
+
+    def _finish(self) -> PendingStep | None:
+        """Queue the update of the step launched last; that step."""
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            lr, flags = self._update
+            launched.record(self.stepper.update(lr, launched.loss, flags))
+        return launched
+
+
+def build_stepper(model: GPT, config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                  world: World = World()) -> Stepper:
+    """The training step for `model`: parallelized and compiled from outside, then the optimizer over
+    what each rank holds."""
+    parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=use_compile(config.compile, device),
+                           compile_blocks=config.compile_blocks)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    return Stepper(model, optimizer, device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded,
+                   fused_loss=config.fused_loss)
 
 
 @contextlib.contextmanager

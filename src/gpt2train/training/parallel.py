@@ -1,5 +1,6 @@
 """Parallelism and compilation, applied to the model from outside: DDP or FSDP2 over the ranks,
-torch.compile, and the full state dicts that are the same on one process or many.
+torch.compile, and the full state dicts (FullModelState, FullOptimizerState) that are the same on one
+process or many.
 
 The model itself knows nothing of this; it only names the modules worth sharding one by one
 (`GPT.shard_units`).
@@ -12,14 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_state_dict,
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import UserError
+from ..model import GPT, TIED_WEIGHTS
 from .distributed import World
-from .errors import UserError
-from .model import GPT, TIED_WEIGHTS
 
 
 @dataclass
@@ -55,22 +56,41 @@ def parallelize(model: GPT, device: torch.device, dtype: torch.dtype, world: Wor
     return Parallelized(forward, sharded)
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The full model weights (fp32, on the CPU, no wrapper prefixes) and optimizer state keyed by
-    parameter name. A collective: every rank calls it; with FSDP only rank 0 gets the contents."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    for tied, source in TIED_WEIGHTS.items():
-        if tied in model_state:  # one tensor, so that it is saved once
-            model_state[tied] = model_state[source]
-    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+# Full state dicts: gathered from the shards under FSDP, on the CPU, with no wrapper prefixes.
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                          optimizer_state: dict) -> None:
-    """Load what full_state_dicts() gave; the learning rate and weight decay stay this run's own."""
-    weight_decay = [group["weight_decay"] for group in optimizer.param_groups]
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))
-    for group, decay in zip(optimizer.param_groups, weight_decay):
-        group["weight_decay"] = decay
+class FullModelState:
+    """The model's weights as one full fp32 state dict, the same on one process or many, the tied weight
+    kept as one tensor so that it is saved once. Saving is a collective under FSDP (every rank calls it;
+    only rank 0 gets the contents)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        state = get_model_state_dict(self.model, options=FULL)
+        for tied, source in TIED_WEIGHTS.items():
+            if tied in state:
+                state[tied] = state[source]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
+
+class FullOptimizerState:
+    """The optimizer's state keyed by parameter name (not by position), full as FullModelState is.
+    Loading keeps this run's own learning rate and weight decay."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+
+    def load_state_dict(self, state: dict) -> None:
+        weight_decay = [group["weight_decay"] for group in self.optimizer.param_groups]
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        for group, decay in zip(self.optimizer.param_groups, weight_decay):
+            group["weight_decay"] = decay

@@ -8,7 +8,7 @@ import weakref
 
 import torch
 
-from .data import Sampler
+from ..data import Sampler
 
 PUT_WAIT_SECONDS = 0.1  # how often a waiting producer checks whether it should stop
 

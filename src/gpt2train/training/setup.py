@@ -1,0 +1,88 @@
+"""Building a run from its config: the process (ranks, device, precision), the data, the model and its
+step, the learning-rate schedule, and the run's state, restored from its checkpoint when resumed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TrainConfig
+from ..corpus import Corpus, load_corpus
+from ..data import SAMPLERS, Sampler
+from ..errors import UserError
+from ..hf import read_hf_model
+from ..model import GPT
+from ..runtime import configure_backends, resolve_device, resolve_dtype, seed_everything
+from . import distributed
+from .distributed import World
+from .monitor import LossMonitor
+from .parallel import FullModelState, FullOptimizerState
+from .prefetch import Prefetcher
+from .schedule import WarmupCosine
+from .start import Start, clear_earlier_run, start_run
+from .state import Checkpointer, RandomState, RunState
+from .step import Stepper, build_stepper
+
+
+@dataclass
+class Setup:
+    """Everything a run is made of, ready for its first step."""
+
+    config: TrainConfig  # for a resumed run, the checkpoint's config with the given settings on top
+    world: World
+    start: Start
+    device: torch.device
+    dtype: torch.dtype
+    corpus: Corpus
+    train_tokens: int  # of the training split, the ones the run draws from
+    sampler: Sampler
+    model: GPT
+    stepper: Stepper
+    schedule: WarmupCosine
+    monitor: LossMonitor
+    state: RunState
+    checkpointer: Checkpointer
+    step: int  # the last step done: 0 for a new run, the checkpoint's for a resumed one
+
+
+def build_run(config: TrainConfig, world: World = World()) -> Setup:
+    """Set up `config`'s run, new or resumed; refused, before anything on disk changes, if it must be."""
+    start = start_run(config, world)
+    config = start.config
+    device = distributed.join(world, resolve_device(config.device))
+    dtype = resolve_dtype(config.dtype, device)
+    clear_earlier_run(start, world)
+    configure_backends(device, deterministic=config.deterministic)
+    seed_everything(config.seed)  # the same on every rank: the same initial weights and dropout
+
+    corpus = load_corpus(config.data)
+    if config.target_metric == "val" and len(corpus.val) < 2:
+        raise UserError(f"--target-metric val needs a validation split, and {corpus.source} has none: "
+                        "prepare the data with a --val-fraction above 0")
+    tokens = corpus.train[: config.train_tokens] if config.train_tokens else corpus.train
+    sampler = SAMPLERS[config.sampling](tokens, config.batch_size, config.seq_len, seed=config.seed,
+                                        rank=world.rank, world_size=world.size)
+    if device.type == "cuda":
+        sampler = Prefetcher(sampler)
+
+    with torch.device(device):  # initialised where it trains: no host-side init and copy
+        model = GPT(config.model)
+    if config.init_from and start.saved is None:  # a resumed run takes its weights from the checkpoint
+        model.load_state_dict(read_hf_model(config.init_from)[1])
+    stepper = build_stepper(model, config, device, dtype, world)
+    schedule = WarmupCosine(config.lr, config.min_lr, config.warmup_steps, config.max_steps)
+
+    monitor = LossMonitor()
+    state = RunState(world)
+    state.register("model", FullModelState(model))
+    state.register("optimizer", FullOptimizerState(model, stepper.optimizer))
+    state.register("scaler", stepper.scaler)
+    state.register("monitor", monitor)
+    state.register("sampler", sampler, per_rank=True)
+    state.register("rng", RandomState(), per_rank=True)
+    data = {"source": corpus.source, "text_sha256": corpus.text_sha256, "train_tokens": len(tokens)}
+    checkpointer = Checkpointer(config, state, start.run_id, data, world)
+    step = checkpointer.restore(start.saved, start.checkpoint) if start.saved is not None else 0
+    return Setup(config, world, start, device, dtype, corpus, len(tokens), sampler, model, stepper, schedule,
+                 monitor, state, checkpointer, step)

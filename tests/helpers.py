@@ -1,0 +1,113 @@
+"""What the tests share: the tiny model, small corpora, and ways to run gpt2train and read what it prints."""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2train.config import resolve_config
+
+# A paragraph of real English: enough distinct tokens to be a corpus, small enough to memorise.
+SMALL_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a "
+    "single step. To be or not to be, that is the question. All that glitters is not gold. "
+    "The early bird catches the worm, but the second mouse gets the cheese.\n"
+)
+
+# A model small enough to train in seconds on a CPU, and its run. Device and dtype are pinned: `--dtype
+# auto` is bf16 on CPUs with AMX or AVX-512 BF16 and fp32 elsewhere, and the tests compare numbers.
+TINY = dict(device="cpu", dtype="float32", n_layer=1, n_head=2, n_embd=32, block_size=32, seq_len=32, batch_size=4,
+            lr=1e-2, min_lr=1e-3, warmup_steps=5)
+# The same as command-line flags.
+TINY_FLAGS = [item for key, value in TINY.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+# A step's log line: its number, loss and best loss as printed.
+STEP = re.compile(r"^step (\d+) \| loss: (\S+) \| best_loss: (\S+) \|", re.MULTILINE)
+
+
+def logged_losses(stdout: str) -> dict[int, tuple[str, str]]:
+    """step -> (loss, best_loss) as printed."""
+    return {int(step): (loss, best) for step, loss, best in STEP.findall(stdout)}
+
+
+def quiet(config):
+    """train(config) without its log lines."""
+    from gpt2train import train
+
+    return train(config, log=lambda _: None)
+
+
+def prepare_small_corpus(directory: Path) -> Path:
+    from gpt2train import prepare
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "corpus.txt").write_text(SMALL_TEXT * 3)
+    prepare([str(directory / "corpus.txt")], directory / "data")
+    return directory / "data"
+
+
+def tiny_config(tmp_path, data_dir, **overrides):
+    """A model small enough that a test trains it in seconds on a CPU, in fp32 whatever the CPU; all files
+    under tmp_path."""
+    values = dict(
+        TINY, max_steps=300, target_loss=1.0, log_interval=10, data=str(data_dir), out_dir=str(tmp_path / "out"),
+        run_dir=str(tmp_path / "run"),
+    )
+    values.update(overrides)
+    return resolve_config(overrides=values)
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    """`python -m gpt2train ARGS` in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "gpt2train", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_and_wait_for(command: list, pattern: str, env: dict | None = None):
+    """Start COMMAND; return the process and its output so far once a line of it matches `pattern`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([str(c) for c in command], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return proc, seen
+    proc.wait()
+    pytest.fail(f"the run ended before printing {pattern!r}:\n{''.join(seen)}{proc.stderr.read()}")
+
+
+def cli(capsys, *args):
+    """`gpt2train ARGS` in this process: (exit status, stdout, stderr)."""
+    from gpt2train.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file below `directory` with its size, modification time and content hash."""
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def final_model_without_run(path) -> dict:
+    """A final model's contents less the record of the run that wrote it: what two runs that trained
+    the same model have in common, bit for bit."""
+    import torch
+
+    contents = torch.load(path, weights_only=True)
+    del contents["run"]
+    contents["model_state_dict"] = {k: (v.dtype, tuple(v.shape), v.numpy().tobytes())
+                                    for k, v in contents["model_state_dict"].items()}
+    return contents
