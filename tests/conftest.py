@@ -1,3 +1,10 @@
+import os
+
+# The tests compare numbers between runs, and torch's CPU reductions add in an order that depends on the
+# thread count: pinned, so that gpt2train never lowers it for a run on a machine that is busy meanwhile.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
+
 import pytest
 from helpers import prepare_small_corpus
 

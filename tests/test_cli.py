@@ -1,11 +1,16 @@
 """The command line as a user runs it: subprocesses, exit codes, files on disk."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import torch
-from helpers import TINY_FLAGS, run_cli
+from helpers import TINY_FLAGS, cli, run_cli, start_and_wait_for
 
 from gpt2train import GPT, GPTConfig
+from gpt2train.checkpoint import list_checkpoints, read_checkpoint
 
 
 def test_help_lists_subcommands_and_shows_defaults():
@@ -89,3 +94,52 @@ def test_default_124m_one_step_writes_an_fp16_model_the_seed_snippet_loads(tmp_p
     with torch.no_grad():
         logits, _ = model(torch.zeros(1, 5, dtype=torch.long))
     assert logits.shape == (1, 5, 50304)
+
+
+def gpt2train_into_a_closed_pipe(*args) -> subprocess.CompletedProcess:
+    """`gpt2train ARGS | head -0`: the reader is gone before the first line is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return subprocess.CompletedProcess(args, proc.wait(timeout=300), "", err)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    for args in (["presets"], ["sample", "--model", save_tiny_model(tmp_path), "--device", "cpu", "--seed", "1"]):
+        result = gpt2train_into_a_closed_pipe(*args)
+        assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
+
+
+def save_tiny_model(tmp_path):
+    from gpt2train.final_model import save_final_model
+
+    path = tmp_path / "model.pt"
+    save_final_model(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)), path, 1, 1.0)
+    return path
+
+
+def test_training_into_a_closed_pipe_saves_a_checkpoint_and_stops(tmp_path, small_corpus):
+    args = ["train", *TINY_FLAGS, "--data", small_corpus, "--target-loss", "0", "--max-steps", "100000",
+            "--log-interval", "1", "--run-dir", tmp_path / "run", "--out-dir", tmp_path / "out"]
+    proc, _ = start_and_wait_for([sys.executable, "-m", "gpt2train", *args], r"^step 5 ")
+    proc.stdout.close()  # `| head` has read what it wanted
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert "Traceback" not in err and "the output was closed: stopping after this step" in err
+    saved = list_checkpoints(tmp_path / "run")
+    assert len(saved) == 1 and read_checkpoint(saved[0])["step"] >= 5
+
+
+def test_eval_and_bench_say_how_far_they_are_off_a_terminal(tmp_path, monkeypatch, capsys):
+    import gpt2train.cli
+
+    monkeypatch.setattr(gpt2train.cli, "PROGRESS_AFTER_SECONDS", 0.0)  # as if it had run long already
+    code, _, err = cli(capsys, "eval", "--model", save_tiny_model(tmp_path), "--device", "cpu", "--dtype", "float32",
+                       "--max-tokens", "320", "--seq-len", "32", "--batch-size", "1")
+    assert code == 0
+    assert err.splitlines() == [f"eval: {tenth * 10:3d}% ({tenth * 32}/320 tokens)" for tenth in range(1, 11)]
+    benched = run_cli("bench", *TINY_FLAGS, "--steps", "1", "--warmup", "0", "--compare-eager")
+    assert benched.returncode == 0, benched.stderr
+    assert benched.stderr.splitlines() == [f"bench: timing {name} ({i} of 3, 0 warm-up and 1 timed steps)"
+                                           for i, name in enumerate(["gpt2train", "eager-fp32", "eager-bf16"], 1)]

@@ -111,7 +111,19 @@ CASES = {
                               or ["sample", "--model", w / "model.pt"], "truncated or corrupt"),
     "corrupt final model": (lambda w: damage(w / "model.pt", lambda b: b"junk" * 100)
                             or ["sample", "--model", w / "model.pt"], "truncated or corrupt"),
-    "foreign final model": (lambda w: ["sample", "--model", checkpoint(w)], "not a gpt2train model file"),
+    "foreign model file": (lambda w: torch.save({"state_dict": {"w": torch.zeros(2)}}, w / "other.pt")
+                           or ["sample", "--model", w / "other.pt"], "not a gpt2train model file or checkpoint"),
+    "neither a run nor a model directory": (lambda w: ["sample", "--model", w / "no_text_here"],
+                                            "is neither a run directory (no checkpoints/) nor a Hugging Face"),
+    "export over an existing file": (lambda w: ["export", "--model", w / "model.pt", "--format", "pt", "--out",
+                                                w / "model.pt"], "exists: choose another --out"),
+    "export to a mismatched suffix": (lambda w: ["export", "--model", w / "model.pt", "--format", "safetensors",
+                                                 "--out", w / "m.pt"], "does not end as a safetensors file should"),
+    "final model path is a directory": (lambda w: (w / "as_dir" / "final_model.pt").mkdir(parents=True)
+                                        or [*TRAIN, "--data", w / "data", "--out-dir", w / "as_dir",
+                                            "--run-dir", w / "r2"], "is a directory, where the final model"),
+    "resume into another run's directory": (lambda w: ["train", "--resume", w / "run", "--run-dir", w / "done",
+                                                       "--max-steps", "20"], "holds checkpoints of another run"),
     "final model with changed bytes, sample": (lambda w: flip(w / "model.pt", 0.5) or ["sample", "--model", w / "model.pt"],
                                                "is damaged: its bytes do not match the checksum"),
     "final model with changed bytes, eval": (lambda w: flip(w / "model.pt", 0.3) or ["eval", "--model", w / "model.pt"],
@@ -128,6 +140,21 @@ CASES = {
     "missing final model": (lambda w: ["sample", "--model", w / "none.pt"], "does not exist"),
     # hyperparameters and config files
     "zero lr": (lambda w: [*TRAIN, "--lr", "0"], "lr must be positive"),
+    "infinite lr": (lambda w: [*TRAIN, "--lr", "inf"], "lr must be a finite number, not inf"),
+    "negative seed": (lambda w: [*TRAIN, "--seed=-1"], "seed must be in [0, 2**32), not -1"),
+    "negative seed in a file": (lambda w: write(w / "c.toml", "seed = -5\n") or ["train", "--config", w / "c.toml"],
+                                "seed must be in [0, 2**32), not -5"),
+    "negative target": (lambda w: [*TRAIN, "--target-loss=-1"], "target_loss must not be negative"),
+    "NaN target": (lambda w: [*TRAIN, "--target-loss", "nan"], "target_loss must be a finite number, not nan"),
+    "fsdp without torchrun": (lambda w: [*TRAIN, "--data", w / "data", "--fsdp"],
+                              "--fsdp shards a model over the processes of a torchrun launch"),
+    "a model too large for memory": (lambda w: [*TRAIN, "--n-layer", "10000000"], "choose a smaller model"),
+    "a batch too large for memory": (lambda w: [*TRAIN, "--batch-size", "10" + "0" * 20], "lower --batch-size or --seq-len"),
+    "NaN temperature": (lambda w: ["sample", "--model", w / "model.pt", "--temperature", "nan"],
+                        "--temperature must be a number"),
+    "damaged manifest": (lambda w: write(w / "data" / "manifest.json", '{"format": "other"}')
+                         or [*TRAIN, "--data", w / "data"],
+                         "data --overwrite`"),  # the whole command in one pair of backticks
     "negative lr": (lambda w: [*TRAIN, "--lr=-1e-3"], "lr must be positive"),
     "zero batch": (lambda w: [*TRAIN, "--batch-size", "0"], "batch_size must be positive"),
     "zero steps": (lambda w: ["train", "--max-steps", "0"], "max_steps must be positive"),
@@ -187,3 +214,45 @@ def test_disk_full_while_saving_keeps_the_previous_final_model(work, capsys, mon
     assert "Traceback" not in err
     assert previous.read_bytes() == before
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []  # no temp file left behind
+
+
+def test_a_token_changed_in_a_prepared_shard_is_found_before_it_is_trained_on(work, capsys):
+    shard = work / "data" / shard_name("train", 0)
+    data = bytearray(shard.read_bytes())
+    data[HEADER.size] ^= 1  # one token id, still a valid one: only the manifest's SHA-256 can tell
+    shard.write_bytes(bytes(data))
+    code, out, err = cli(capsys, *TRAIN, "--data", work / "data", "--run-dir", work / "r", "--out-dir", work / "o")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"token file {shard} does not match the SHA-256 that manifest.json lists" in err
+    assert "step 1 |" not in out and not (work / "o").exists()
+
+
+def fuzz_cases() -> list[tuple[str, str]]:
+    """(flag, value) pairs that no `train` flag accepts: the wrong type, out of range, not a number,
+    and sizes no memory holds."""
+    from gpt2train.cli import _flag
+    from gpt2train.config import RUN_FIELDS, base_type, field_types
+
+    huge = "1" + "0" * 30
+    cases = []
+    for name, annotation in field_types().items():
+        kind, choices = base_type(annotation), RUN_FIELDS[name].metadata["choices"] if name in RUN_FIELDS else ()
+        flag = _flag(name)
+        if choices:
+            cases.append((flag, "bogus"))
+        elif kind is int:
+            cases += [(flag, "abc"), (flag, "1.5"), (flag, "-1")]
+            if name in ("n_layer", "n_embd", "block_size", "vocab_size", "batch_size"):
+                cases.append((flag, huge))
+        elif kind is float:
+            cases += [(flag, value) for value in ("abc", "nan", "inf", "-inf", "-1")]
+    return cases
+
+
+@pytest.mark.parametrize("flag, value", fuzz_cases())
+def test_no_flag_takes_a_value_it_cannot_use(flag, value, tmp_path, small_corpus, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "train", *TINY_FLAGS, "--data", small_corpus, "--max-steps", "1", f"{flag}={value}")
+    assert code == 2, out
+    assert err.startswith("gpt2train") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ from helpers import tiny_config
 from gpt2train import GPT, GPTConfig, load_model, train
 from gpt2train.checksum import seal_archive
 from gpt2train.errors import UserError
-from gpt2train.final_model import claim_final_model, read_final_model, save_final_model, written_by
+from gpt2train.final_model import claim_final_model, read_model, save_final_model, written_by
 
 
 def small_model():
@@ -22,9 +22,9 @@ def test_both_formats_round_trip_to_the_same_model(tmp_path, name):
     model = small_model()
     save_final_model(model, tmp_path / name, step=7, best_loss=0.25)
     loaded = load_model(tmp_path / name)
-    contents = read_final_model(tmp_path / name)
-    assert contents["config"] == model.config.to_dict()
-    assert (contents["step"], contents["best_loss"], contents["tokenizer"]) == (7, 0.25, "gpt2")
+    config, _, facts = read_model(tmp_path / name)
+    assert config == model.config
+    assert (facts["step"], facts["best_loss"], facts["tokenizer"]) == (7, 0.25, "gpt2")
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     x = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):
 
 def test_safetensors_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors now fails
-    with pytest.raises(UserError, match=r"pip install 'gpt2train\[safetensors\]'"):
+    with pytest.raises(UserError, match=r"-m pip install 'safetensors>=0.4'"):
         save_final_model(small_model(), tmp_path / "m.safetensors", step=1, best_loss=1.0)
 
 
@@ -161,3 +161,42 @@ def test_a_final_model_is_claimed_only_by_the_run_that_wrote_it(tmp_path, name):
     path.write_bytes(b"not a model")  # a file no run can be named for is not replaced silently either
     with pytest.raises(UserError, match="by an older gpt2train or another program"):
         claim_final_model(path, "second", overwrite=False)
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(tmp_path_factory, small_corpus):
+    """A run that ran out of steps: no final model, only its checkpoints."""
+    tmp = tmp_path_factory.mktemp("unfinished")
+    result = train(tiny_config(tmp, small_corpus, max_steps=6, target_loss=0.0), log=lambda _: None)
+    assert result.final_model_path is None
+    return tmp / "run", result
+
+
+def test_a_checkpoint_or_its_run_directory_loads_as_the_model_it_holds(unfinished_run):
+    run_dir, result = unfinished_run
+    expected = result.model.eval()
+    x = torch.randint(0, 50257, (1, 16))
+    for source in (result.checkpoint_path, run_dir, run_dir / "checkpoints"):
+        model = load_model(source)
+        with torch.no_grad():
+            assert torch.equal(model(x)[0], expected(x)[0])  # the fp32 weights, exactly
+    config, _, facts = read_model(run_dir)
+    assert config == expected.config and facts["step"] == 6 and facts["run"]["dir"] == str(run_dir.resolve())
+
+
+def test_sample_eval_and_export_take_a_run_directory(unfinished_run, tmp_path):
+    from helpers import run_cli
+
+    run_dir, _ = unfinished_run
+    sampled = run_cli("sample", "--model", run_dir, "--prompt", "The", "--max-new-tokens", "4", "--seed", "1",
+                      "--device", "cpu")
+    assert sampled.returncode == 0 and sampled.stdout.startswith("The"), sampled.stderr
+    scored = run_cli("eval", "--model", run_dir, "--device", "cpu", "--dtype", "float32", "--max-tokens", "64")
+    assert scored.returncode == 0 and "val loss" in scored.stdout, scored.stderr
+    exported = run_cli("export", "--model", run_dir, "--format", "pt", "--out", tmp_path / "m")
+    assert exported.returncode == 0, exported.stderr
+    contents = torch.load(tmp_path / "m" / "final_model.pt", weights_only=True)  # the seed's fp16 file
+    assert all(t.dtype == torch.float16 for t in contents["model_state_dict"].values())
+    assert contents["step"] == 6 and contents["run"]["dir"] == str(run_dir.resolve())
+    again = run_cli("export", "--model", run_dir, "--format", "pt", "--out", tmp_path / "m")
+    assert again.returncode == 2 and "exists: choose another --out, or replace it with --overwrite" in again.stderr

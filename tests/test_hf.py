@@ -228,7 +228,7 @@ def test_a_failed_export_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
 
 def test_export_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors now fails
-    with pytest.raises(UserError, match=r"pip install 'gpt2train\[hf\]'"):
+    with pytest.raises(UserError, match=r"-m pip install 'safetensors>=0.4'"):
         export_hf(tiny_gpt(), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

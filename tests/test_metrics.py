@@ -83,7 +83,7 @@ def test_loss_png_is_drawn_at_the_end_and_on_demand(run):
 def test_plot_without_matplotlib_says_how_to_get_it(run, monkeypatch):
     config, _ = run
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(UserError, match=r"pip install 'gpt2train\[plot\]'"):
+    with pytest.raises(UserError, match=r"-m pip install 'matplotlib>=3.7'"):
         plot_run(config.run_dir)
 
 

@@ -267,9 +267,10 @@ def test_a_download_with_the_wrong_checksum_is_refused(server, tmp_path):
     url, _ = serve_docs(server, tmp_path)
     with pytest.raises(UserError, match="SHA-256 .* not the 0000"):
         prepare([f"{url}#sha256={'0' * 64}"], tmp_path / "out")
-    assert not (tmp_path / "out/manifest.json").exists() and not list((tmp_path / "out/downloads").iterdir())
+    assert not (tmp_path / "out").exists()  # a failed prepare leaves nothing behind, not even downloads/
     with pytest.raises(UserError, match="HTTP 404"):
         prepare([f"http://127.0.0.1:{server.server_port}/missing.txt"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_local_dataset_directory_is_read_through_the_datasets_library(tmp_path, monkeypatch):

@@ -79,6 +79,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_corpus, un
     assert final_model_without_run(tmp_path / "out" / "final_model.pt") == expected_model
 
 
+def test_sighup_from_a_closed_terminal_saves_a_checkpoint_as_sigterm_does(tmp_path, small_corpus):
+    proc, _ = start_gpt2train(run_args(tmp_path, small_corpus), r"^step 5 ")
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    stopped = re.search(r"Stopped at step (\d+): checkpoint saved at", out)
+    assert stopped and "SIGHUP received" in err and "Traceback" not in err
+    assert list_checkpoints(tmp_path / "run")[-1].name == f"step_{int(stopped.group(1)):08d}.pt"
+
+
 def test_resume_refuses_another_model_shape_or_data_and_reports_safe_changes(tmp_path, small_corpus):
     quiet(tiny_config(tmp_path, small_corpus, max_steps=6, target_loss=0.0))
     with pytest.raises(UserError, match=r"cannot resume with n_layer=2: the checkpoint was trained with n_layer=1"):

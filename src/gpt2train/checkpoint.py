@@ -71,13 +71,25 @@ def find_checkpoint(resume: str, run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, contents: dict, keep: int) -> Path:
-    """Write the checkpoint for `step`, then delete all but the newest `keep`."""
+    """Write the checkpoint for `step`, then delete all but the newest `keep` of its run's (the same
+    `run_id`; another run's checkpoints are never deleted)."""
     path = checkpoint_path(run_dir, step)
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": step, **contents}
     atomic_write(path, lambda f: (torch.save(payload, f), seal_archive(f)))
-    for old in list_checkpoints(run_dir)[:-keep]:
+    ours = [p for p in list_checkpoints(run_dir) if checkpoint_run_id(p) in (contents.get("run_id"), None)]
+    for old in ours[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run a checkpoint belongs to, read without its weights; None for a checkpoint that
+    carries none (version 1) or cannot be read."""
+    try:
+        contents = load_weights_only(path, "checkpoint", mmap=True)
+    except UserError:
+        return None
+    return contents.get("run_id") if isinstance(contents, dict) else None
 
 
 def delete_checkpoints(run_dir: str | Path) -> None:
@@ -93,6 +105,11 @@ def read_checkpoint(path: str | Path) -> dict:
                                  sealed_versions=(CHECKPOINT_VERSION,))
     if not isinstance(contents, dict) or contents.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a gpt2train training checkpoint (a final model or another program's file?)")
+    return check_checkpoint(contents, path)
+
+
+def check_checkpoint(contents: dict, path: str | Path) -> dict:
+    """`contents`, read from `path`, if they are a complete checkpoint of a version this gpt2train reads."""
     version = contents.get("format_version")
     if version not in READABLE_VERSIONS:
         raise UserError(

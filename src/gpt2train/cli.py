@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import codecs
 import math
+import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import MISSING
 from pathlib import Path
@@ -18,8 +20,14 @@ from .config import (
     MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, base_type, field_types, preset_config, resolve_config,
 )
 from .errors import UserError
+from .final_model import FILE_NAMES
 from .prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare, tokenize_inputs
 from .sources import DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, DIRECTORY_INCLUDE
+
+# Off a terminal, a long job's progress is printed as lines once it has run this long.
+PROGRESS_AFTER_SECONDS = 5.0
+MODEL_PATH_HELP = ("a final model file, a training checkpoint, a run directory (its newest checkpoint) or a Hugging "
+                   "Face GPT-2 directory (default: 'saved_models/final_model.pt')")
 
 # Exit statuses: 0 done (target reached), 1 a crash (a bug), and these; an interrupted run exits
 # with 128 + the signal number, as shells report.
@@ -117,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", parents=[common], help="generate text from a saved model",
                        description="Continue a prompt, printing tokens as they are generated.")
     s.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
-                   help="final model file or Hugging Face GPT-2 directory (default: 'saved_models/final_model.pt')")
+                   help=MODEL_PATH_HELP)
     s.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
     s.add_argument("--prompt-file", metavar="FILE", help="continue each non-empty line of FILE in turn")
     s.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default: 1)")
@@ -137,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "text files, or (with neither) the built-in corpus's validation split.")
     e.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories or glob patterns to score")
     e.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
-                   help="final model file or Hugging Face GPT-2 directory (default: 'saved_models/final_model.pt')")
+                   help=MODEL_PATH_HELP)
     e.add_argument("--data", metavar="DIR", help="a directory written by `gpt2train prepare`: its validation split")
     e.add_argument("--seq-len", type=int, default=0, metavar="N", help="tokens per window (default: the model's context)")
     e.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
@@ -151,12 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     x = sub.add_parser("export", parents=[common], help="write a saved model in another format",
-                       description="Write a saved model as a Hugging Face GPT-2 directory (config.json, "
-                                   "model.safetensors, tokenizer files) that transformers loads.")
-    x.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
-                   help="the model to export (default: 'saved_models/final_model.pt')")
-    x.add_argument("--format", choices=["hf"], default="hf", help="hf: a Hugging Face GPT-2 directory (default: 'hf')")
-    x.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
+                       description="Write a saved model (a final model, a checkpoint or a run directory) as a "
+                                   "Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files) "
+                                   "that transformers loads, or as a gpt2train final model file.")
+    x.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH", help=MODEL_PATH_HELP)
+    x.add_argument("--format", choices=["hf", *FILE_NAMES], default="hf",
+                   help="hf: a Hugging Face GPT-2 directory; pt or safetensors: the fp16 final model file a run "
+                        "writes at its target (default: 'hf')")
+    x.add_argument("--out", required=True, metavar="PATH",
+                   help="the directory to write (hf), or the final model file (a directory: its final_model.pt)")
     x.add_argument("--trim-vocab", action="store_true",
                    help="keep GPT-2's 50,257 tokens only, dropping the padded vocabulary rows")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
@@ -214,8 +225,12 @@ def cmd_sample(args) -> int:
     from .sample import generate
     from .tokenizer import get_tokenizer
 
+    if not math.isfinite(args.temperature):
+        raise UserError(f"--temperature must be a number (0 for greedy), not {args.temperature}")
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
         raise UserError("--max-new-tokens, --temperature and --top-k must not be negative, --num-samples at least 1")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), not {args.seed}")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], not {args.top_p}")
     if args.prompt and args.prompt_file:
@@ -270,13 +285,19 @@ def cmd_eval(args) -> int:
     if len(tokens) < 2:
         raise UserError(f"{source} holds fewer than two tokens: nothing to score")
 
+    terminal, said, started = sys.stderr.isatty(), [0], time.monotonic()
+
     def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\reval: {done / total:4.0%} ({done:,}/{total:,} tokens)", end="", file=sys.stderr, flush=True)
+        line = f"eval: {done / total:4.0%} ({done:,}/{total:,} tokens)"
+        if terminal:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif time.monotonic() - started > PROGRESS_AFTER_SECONDS and done * 10 // total > said[0]:
+            said[0] = done * 10 // total  # off a terminal, once it takes a while: a line every tenth
+            print(line, file=sys.stderr, flush=True)
 
     result = evaluate(model, tokens, seq_len, args.batch_size, device, dtype, max_tokens=args.max_tokens,
                       progress=progress)
-    if sys.stderr.isatty():
+    if terminal:
         print(file=sys.stderr)
     if not math.isfinite(result.loss):
         raise UserError(f"{args.model} computes a non-finite loss ({result.loss}) on {source}: its weights hold "
@@ -294,9 +315,15 @@ def cmd_plot(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .final_model import load_model
+    from .final_model import export_final_model, load_model
     from .hf import export_hf
 
+    if args.format != "hf":
+        if args.trim_vocab:
+            raise UserError("--trim-vocab applies to --format hf only: a final model keeps the padded vocabulary")
+        out = export_final_model(args.model, args.out, args.format, overwrite=args.overwrite)
+        print(f"Exported {args.model} to {out} as a gpt2train final model")
+        return 0
     out = export_hf(load_model(args.model), args.out, trim_vocab=args.trim_vocab, overwrite=args.overwrite)
     print(f"Exported {args.model} to {out} as a Hugging Face GPT-2 directory")
     return 0
@@ -334,20 +361,18 @@ def cmd_bench(args) -> int:
             config_file = Path(tmp) / "bench.toml"
             config_file.write_text(to_toml(config))
             argv = ["--config", str(config_file), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            results = [run_in_subprocess(argv, variant) for variant in variants]
+            results = []
+            for i, variant in enumerate(variants, 1):
+                print(f"bench: timing {variant} ({i} of {len(variants)}, {args.warmup} warm-up and {args.steps} "
+                      "timed steps)", file=sys.stderr, flush=True)
+                results.append(run_in_subprocess(argv, variant))
     print(as_json(config, results, device) if args.json else "\n".join(describe(config, results, device)))
     return 0
 
 
 def cmd_presets(args) -> int:
-    import torch
-
-    from .model import GPT
-
     for name, values in PRESETS.items():
-        config = preset_config(name)
-        with torch.device("meta"):  # count parameters without allocating them
-            params = GPT(config.model).num_params()
+        params = preset_config(name).model.num_params()
         changes = ", ".join(f"{k}={v}" for k, v in values.items()) or "the seed's defaults"
         print(f"{name:12s} {params / 1e6:9.2f}M parameters  {changes}")
     return 0
@@ -357,14 +382,25 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (UserError, torch.OutOfMemoryError) as e:
+    except (UserError, torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and not _out_of_memory(e):
+            raise  # a bug: the traceback is what to report
         if args.debug:
             traceback.print_exc()
-        if isinstance(e, torch.OutOfMemoryError):
+        if not isinstance(e, UserError):
             e = "out of memory: lower --batch-size or --seq-len, or use a smaller model"
         print(f"gpt2train {args.command}: error: {e}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"gpt2train {args.command}: interrupted", file=sys.stderr)
         code = 128 + signal.SIGINT
+    except BrokenPipeError:
+        # The reader went away (`gpt2train presets | head`): end quietly, as a program killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     sys.exit(code)
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """A failed allocation of CPU memory, which torch raises as a plain RuntimeError."""
+    return "can't allocate memory" in str(error) or "DefaultCPUAllocator" in str(error)

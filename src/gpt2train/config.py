@@ -6,6 +6,7 @@ Precedence, lowest first: the preset, the config file, then command-line flags.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -95,8 +96,8 @@ class TrainConfig:
     eval_tokens: int = _opt(262144, "validation tokens per evaluation; 0: the whole split", CHECKPOINTS)
     target_metric: str = _opt("train", "which loss the target applies to: train (each step's) or val (at evaluations)",
                               CHECKPOINTS, ("train", "val"))
-    tensorboard: bool = _opt(False, "also write TensorBoard events to run_dir/tensorboard (needs gpt2train[tensorboard])", CHECKPOINTS)
-    wandb: bool = _opt(False, "also log to Weights & Biases (needs gpt2train[wandb] and a wandb login)", CHECKPOINTS)
+    tensorboard: bool = _opt(False, "also write TensorBoard events to run_dir/tensorboard (needs the tensorboard package)", CHECKPOINTS)
+    wandb: bool = _opt(False, "also log to Weights & Biases (needs the wandb package and a wandb login)", CHECKPOINTS)
     wandb_project: str = _opt("gpt2train", "the Weights & Biases project to log to", CHECKPOINTS)
     run_dir: str = _opt("", "where checkpoints go; empty: runs/<preset>", CHECKPOINTS)
     checkpoint_interval: int = _opt(0, "steps between checkpoints; 0: about every 10 minutes of training", CHECKPOINTS)
@@ -264,7 +265,11 @@ def preset_config(name: str) -> TrainConfig:
 def validate(config: TrainConfig) -> None:
     """Reject settings that cannot train, each with the fix."""
     m = config.model
+    floats = {name: getattr(config, name) for name in ("lr", "min_lr", "weight_decay", "grad_clip", "target_loss")}
     checks = [
+        *((math.isfinite(value), f"{name} must be a finite number, not {value}") for name, value in floats.items()),
+        (0 <= config.seed < 2**32, f"seed must be in [0, 2**32), not {config.seed}"),
+        (config.target_loss >= 0, "target_loss must not be negative (0: no target, train to max_steps)"),
         (m.n_layer > 0, "n_layer must be positive"),
         (m.n_head > 0, "n_head must be positive"),
         (m.n_embd > 0 and m.n_embd % max(m.n_head, 1) == 0, f"n_embd ({m.n_embd}) must be a positive multiple of n_head ({m.n_head})"),

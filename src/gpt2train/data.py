@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .files import file_sha256
 from .tokenizer import GPT2_VOCAB_SIZE, TOKENIZER_NAME
 
 MAGIC = b"GPT2TOK\0"
@@ -111,7 +113,8 @@ def read_manifest(data_dir: str | Path) -> dict:
                 problem = f"no valid shard list for the {split} split"
                 break
     if problem:
-        raise UserError(f"{path / MANIFEST_FILE} is damaged or foreign ({problem}): {fix} --overwrite")
+        raise UserError(f"{path / MANIFEST_FILE} is damaged or foreign ({problem}): run "
+                        f"`gpt2train prepare ... --out {path} --overwrite`")
     return manifest
 
 
@@ -122,8 +125,9 @@ def _is_shard_entry(entry) -> bool:
 
 
 def read_split(data_dir: str | Path, manifest: dict, split: str) -> TokenSource:
-    """A split's shards by memory map, each checked against its header and the manifest's count."""
-    parts = []
+    """A split's shards by memory map, each checked against its header and the manifest's count now,
+    and against the manifest's SHA-256 when it is first read from."""
+    parts, checks = [], []
     for entry in manifest["splits"][split]["shards"]:
         path = Path(data_dir) / entry["file"]
         ids = read_tokens(path)
@@ -131,18 +135,44 @@ def read_split(data_dir: str | Path, manifest: dict, split: str) -> TokenSource:
             raise UserError(f"token file {path} holds {len(ids):,} tokens but {MANIFEST_FILE} lists "
                             f"{entry['tokens']:,}: re-create the directory with `gpt2train prepare --overwrite`")
         parts.append(ids)
-    return TokenSource(parts)
+        checks.append(ShardCheck(path, entry["sha256"]) if entry.get("sha256") else None)
+    return TokenSource(parts, checks)
+
+
+class ShardCheck:
+    """A shard's bytes against the SHA-256 its manifest lists, checked once, when a window is first read
+    from it: a run pays only for the shards it uses, and never reads a token that changed since
+    `prepare` (hashing reads the shard once, at disk speed)."""
+
+    def __init__(self, path: Path, sha256: str):
+        self.path, self.sha256 = path, sha256
+        self.done = False
+        self._lock = threading.Lock()  # the data thread and the loop may both read
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        with self._lock:
+            if not self.done and file_sha256(self.path) != self.sha256:
+                raise UserError(f"token file {self.path} does not match the SHA-256 that {MANIFEST_FILE} lists (it "
+                                "changed after `gpt2train prepare` wrote it): re-create the directory with "
+                                "`gpt2train prepare --overwrite`")
+            self.done = True
 
 
 class TokenSource:
     """Token ids kept in consecutive arrays (memory-mapped shards), used like one array.
 
     len() counts them all; an int index gives one token; a slice (without a step) gives a view that
-    reads nothing until it is used; np.asarray() reads all of it.
+    reads nothing until it is used; np.asarray() reads all of it. Each part may come with a check
+    (ShardCheck) that runs before its tokens are first read.
     """
 
-    def __init__(self, parts: list[np.ndarray]):
-        self.parts = [p for p in parts if len(p)]
+    def __init__(self, parts: list[np.ndarray], checks: list | None = None):
+        checks = checks or [None] * len(parts)
+        kept = [(p, c) for p, c in zip(parts, checks) if len(p)]
+        self.parts = [p for p, _ in kept]
+        self.checks = [c for _, c in kept]
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])  # starts[-1] is the total
 
     def __len__(self) -> int:
@@ -153,7 +183,8 @@ class TokenSource:
             start, stop, step = index.indices(len(self))
             if step != 1:
                 raise ValueError("a TokenSource slice takes no step")
-            return TokenSource(self._views(start, max(stop - start, 0)))
+            pieces = self._pieces(start, max(stop - start, 0))
+            return TokenSource([view for _, view in pieces], [self.checks[i] for i, _ in pieces])
         position = index + len(self) if index < 0 else index
         if not 0 <= position < len(self):
             raise IndexError(f"token {index} of {len(self)}")
@@ -171,15 +202,23 @@ class TokenSource:
         return np.concatenate(views) if views else np.empty(0, dtype=TOKEN_DTYPE)
 
     def _views(self, start: int, length: int) -> list[np.ndarray]:
-        """The pieces of the parts that hold tokens[start : start + length], without copying."""
-        views = []
+        """The pieces of the parts that hold tokens[start : start + length], without copying, checked."""
+        pieces = self._pieces(start, length)
+        for i, _ in pieces:
+            if self.checks[i] is not None:
+                self.checks[i]()
+        return [view for _, view in pieces]
+
+    def _pieces(self, start: int, length: int) -> list[tuple[int, np.ndarray]]:
+        """(part index, view) of each part that holds some of tokens[start : start + length]."""
+        pieces = []
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         offset = start - int(self.starts[i]) if i < len(self.parts) else 0
         while length > 0 and i < len(self.parts):
-            views.append(self.parts[i][offset : offset + length])
-            length -= len(views[-1])
+            pieces.append((i, self.parts[i][offset : offset + length]))
+            length -= len(pieces[-1][1])
             i, offset = i + 1, 0
-        return views
+        return pieces
 
 
 class Sampler(Protocol):

@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 from urllib.request import Request, urlopen
 
 from .errors import UserError
+from .files import file_sha256
 from .progress import Progress
 
 TIMEOUT_SECONDS = 30
@@ -34,14 +35,6 @@ def cached_path(address: str, cache_dir: Path) -> Path:
     """Where `address` is kept: its file name (which tells its kind), after a hash of the whole address."""
     name = unquote(Path(urlsplit(address).path).name) or "download"
     return cache_dir / f"{hashlib.sha256(address.encode()).hexdigest()[:12]}-{name}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, cache_dir: Path, progress: bool = False) -> Path:

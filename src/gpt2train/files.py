@@ -3,10 +3,12 @@ and loads that never run code from the file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,31 +20,102 @@ from .checksum import archive_sealed
 from .errors import UserError
 
 
+# Temporary files are named .NAME.HOST-PID.RANDOM.tmp: the writer's machine and process, so that a
+# later start can tell the leftovers of a writer that died from the file of one still writing.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>\w*)-(?P<pid>\d+)\.\w+\.tmp$")
+
+
+class WriteError(UserError):
+    """A file could not be written (a full disk, a file-size limit, no permission); the previous
+    file, if any, is unchanged."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"could not write {path}: {reason}; the previous file, if any, is unchanged")
+        self.path, self.reason = path, reason
+
+
+def _writer_tag() -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+class _RecordingFile:
+    """A file that remembers the OSError a write raised. torch's zip writer reports a failed write
+    (a full disk, a file-size limit) as a RuntimeError that no longer says why."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through `write(f)` into a temporary file beside `path`, then swap it in.
 
     Temp file in the same directory (so the rename cannot cross file systems), flush and fsync,
-    os.replace, then fsync the directory so the rename itself survives a power cut.
+    os.replace, then fsync the directory so the rename itself survives a power cut. A failure to
+    write, whatever the writer raised for it, is a UserError naming the system's reason.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.",
+                                   suffix=".tmp")
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror}; choose a writable directory") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as raw:
+            f = _RecordingFile(raw)
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception as e:
+                if f.error is not None and e is not f.error:
+                    raise f.error from None
+                raise
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UserError(f"could not write {path}: {e.strerror}; the previous file, if any, is unchanged") from None
+            raise WriteError(path, e.strerror or str(e)) from None
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(directory: str | Path, every: bool = False) -> None:
+    """Delete the temporary files that writers on this machine left in `directory` when they died
+    before renaming them into place; with `every`, all of atomic_write's temporary files (when no
+    other process can be writing there)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    host = _writer_tag().rsplit("-", 1)[0]
+    for path in directory.iterdir():
+        found = _TEMPORARY.match(path.name)
+        if every and path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file():
+            path.unlink(missing_ok=True)
+        elif found and found["host"] == host and not _alive(int(found["pid"])):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
@@ -116,6 +189,15 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_weights_only(path: str | Path, what: str, mmap: bool = False, damaged_fix: str = "",

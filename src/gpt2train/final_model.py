@@ -8,10 +8,12 @@ the tied embedding / output matrix stored once.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINTS, check_checkpoint, find_checkpoint, run_dir_of
 from .checksum import content_digest, seal_archive
 from .errors import UserError
 from .files import atomic_write, load_weights_only
@@ -28,6 +30,7 @@ FILE_NAMES = {"pt": "final_model.pt", "safetensors": "final_model.safetensors"}
 (TIED_KEY, TIED_SOURCE), = TIED_WEIGHTS.items()
 DAMAGED_FIX = "restore it from a copy, or train the model again"
 CHECKSUM_KEY = "checksum"  # in a safetensors file's metadata
+HF_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # what a Hugging Face directory holds
 
 
 def final_model_path(out_dir: str | Path, format: str = "pt") -> Path:
@@ -103,6 +106,9 @@ def written_by(path: str | Path) -> dict | None:
 
 def claim_final_model(path: str | Path, run_id: str, overwrite: bool) -> None:
     """Refuse, before any training, to replace a final model that another run wrote (unless `overwrite`)."""
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a directory, where the final model is to be written: move it away, or choose "
+                        "another --out-dir")
     owner = written_by(path)
     if owner is None or overwrite or owner.get("id") == run_id:
         return
@@ -113,31 +119,52 @@ def claim_final_model(path: str | Path, run_id: str, overwrite: bool) -> None:
     )
 
 
-def read_final_model(path: str | Path) -> dict:
-    """{'config': dict, 'model_state_dict': tensors, ...} from either format, or a UserError."""
+def read_model(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
+    """The config, weights and facts ({"step", "best_loss", "run", "tokenizer"}, those known) of any model gpt2train
+    reads: a final model (.pt or .safetensors), a training checkpoint, a run directory (its newest
+    checkpoint), or a Hugging Face GPT-2 directory. Every failure is one UserError."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+    if path.is_dir() and ((path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS):
+        path = find_checkpoint(str(path), path)
+    elif path.is_dir() and any((path / name).exists() for name in HF_FILES):
+        config, state = read_hf_model(path)
+        return config, state, {}
+    elif path.is_dir():
+        raise UserError(f"{path} is neither a run directory (no {CHECKPOINTS}/) nor a Hugging Face GPT-2 "
+                        "directory (no config.json): give a final model, a checkpoint or one of those")
+    contents = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pt(path)
+    if contents.get("format") == CHECKPOINT_FORMAT:
+        checked = check_checkpoint(contents, path)
+        config = {k: v for k, v in checked["config"].items() if k in GPTConfig.__dataclass_fields__}
+        run = {"id": checked.get("run_id", ""), "dir": str(run_dir_of(path).resolve())}
+        contents = {"config": config, "model_state_dict": checked["model"], "step": checked["step"],
+                    "best_loss": checked["best_loss"], "run": run}
+    try:
+        config = GPTConfig(**contents["config"])
+    except TypeError as e:
+        raise UserError(f"{path} has an invalid model config: {e}") from None
+    facts = {key: contents[key] for key in ("step", "best_loss", "run", "tokenizer") if key in contents}
+    return config, contents["model_state_dict"], facts
+
+
+def _read_pt(path: Path) -> dict:
     contents = load_weights_only(path, "model file", damaged_fix=DAMAGED_FIX, sealed_versions=(FINAL_MODEL_VERSION,))
-    if not isinstance(contents, dict) or not {"config", "model_state_dict"} <= contents.keys():
-        raise UserError(f"{path} is not a gpt2train model file (no 'config' and 'model_state_dict')")
+    if not isinstance(contents, dict) or not (
+            {"config", "model_state_dict"} <= contents.keys() or contents.get("format") == CHECKPOINT_FORMAT):
+        raise UserError(f"{path} is not a gpt2train model file or checkpoint (no 'config' and 'model_state_dict')")
     return contents
 
 
 def load_model(path: str | Path = "saved_models/final_model.pt", device: str | torch.device | None = None) -> GPT:
     """The saved model in fp32 and eval mode, on `device` (default: CPU).
 
-    `path` is a final model file, or a Hugging Face GPT-2 directory (one with config.json).
+    `path` is a final model file, a training checkpoint, a run directory (its newest checkpoint), or a
+    Hugging Face GPT-2 directory (one with config.json).
     """
-    if Path(path).is_dir():
-        config, state = read_hf_model(path)
-    else:
-        contents = read_final_model(path)
-        try:
-            config = GPTConfig(**contents["config"])
-        except TypeError as e:
-            raise UserError(f"{path} has an invalid model config: {e}") from None
-        state = contents["model_state_dict"]
+    return _build(path, *read_model(path)[:2], device)
+
+
+def _build(path, config: GPTConfig, state: dict, device) -> GPT:
     model = GPT(config)
     try:
         model.load_state_dict(state)
@@ -145,6 +172,24 @@ def load_model(path: str | Path = "saved_models/final_model.pt", device: str | t
         raise UserError(f"{path}: the weights do not fit its config ({str(e).splitlines()[0]})") from None
     model = model.float().eval()
     return model.to(device) if device is not None else model
+
+
+def export_final_model(source: str | Path, out: str | Path, format: str = "pt", overwrite: bool = False) -> Path:
+    """Write any model `read_model` reads as a final model file (`format` pt or safetensors): for a
+    checkpoint, the file its run writes at the target. `out` is the file, or a directory to write the
+    format's file name in. Refuses to replace a file unless `overwrite`."""
+    out = Path(out)
+    path = out / FILE_NAMES[format] if out.is_dir() or not out.suffix else out
+    if (path.suffix == ".safetensors") != (format == "safetensors"):
+        raise UserError(f"--out {out} does not end as a {format} file should: name it "
+                        f"{path.with_suffix('.safetensors' if format == 'safetensors' else '.pt').name}")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists: choose another --out, or replace it with --overwrite")
+    final_model_path(path.parent, format)  # the format's package is there
+    config, state, facts = read_model(source)
+    save_final_model(_build(source, config, state, None), path, step=facts.get("step", 0),
+                     best_loss=facts.get("best_loss", math.nan), run=facts.get("run"))
+    return path
 
 
 def _read_safetensors(path: Path) -> dict:

@@ -41,6 +41,13 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def num_params(self) -> int:
+        """Parameters of the GPT this config builds (the tied embedding once), counted without building it."""
+        C, b = self.n_embd, int(self.bias)
+        norm = C * (1 + b)
+        block = 2 * norm + (3 * C * C + 3 * C * b) + (C * C + C * b) + (4 * C * C + 4 * C * b) + (4 * C * C + C * b)
+        return (self.vocab_size + self.block_size) * C + self.n_layer * block + norm
+
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, a chunk of rows at a time.

@@ -20,9 +20,8 @@ from .data import (
     HEADER, LEGACY_FILES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS, TOKEN_DTYPE, shard_name,
     token_header,
 )
-from .download import file_sha256
 from .errors import UserError
-from .files import atomic_write, check_writable_dir
+from .files import atomic_write, check_writable_dir, file_sha256
 from .progress import Progress
 from .sources import (
     BUILTIN_NAME, DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, Fragment, Source, resolve_sources,
@@ -336,7 +335,7 @@ def prepare(inputs: list[str], out_dir: str | Path, val_fraction: float = DEFAUL
     out = Path(out_dir)
     check_writable_dir(out, "prepared data")
     _check_replaceable(out, overwrite)
-    created = not out.exists()
+    created = [d for d in (out / DOWNLOADS, out) if not d.exists()]  # removed again if prepare fails
     writers = {split: ShardWriter(out, split, shard_tokens) for split in SPLITS}
     try:
         sources = resolve_sources(inputs, text_field=text_field, include=tuple(include), exclude=tuple(exclude),
@@ -397,11 +396,11 @@ def _commit(out: Path, writers: dict[str, ShardWriter], manifest: dict) -> None:
     atomic_write(out / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=2).encode() + b"\n"))
 
 
-def _discard(out: Path, writers: dict[str, ShardWriter], created: bool) -> None:
+def _discard(out: Path, writers: dict[str, ShardWriter], created: list[Path]) -> None:
     for writer in writers.values():
         writer.discard()
-    if created:
+    for directory in created:
         try:
-            out.rmdir()  # only if nothing else (a download worth keeping) is in it
+            directory.rmdir()  # only if nothing (a download worth keeping) is in it
         except OSError:
             pass

@@ -9,6 +9,7 @@ import ctypes.util
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -49,6 +50,38 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested not in DTYPES:
         raise UserError(f"unknown dtype '{requested}': use auto, {', '.join(DTYPES)}")
     return DTYPES[requested]
+
+
+# fp32 weights, their gradients and AdamW's two moments: the least a training run holds per parameter.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_fits(config, device: torch.device) -> None:
+    """Refuse a run that could only end in an allocation failure: one whose weights and optimizer state,
+    with one fp32 copy of a micro-batch's logits, exceed the device's memory. (What else the
+    activations take shows at the first step.)"""
+    parameters = config.model.num_params()
+    logits = config.batch_size * config.seq_len * config.model.vocab_size * 4
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER + logits
+    available = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else _cpu_memory_available()
+    if available is not None and needed > available:
+        raise UserError(f"training {parameters:,} parameters at batch {config.batch_size} x {config.seq_len} needs at "
+                        f"least {needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB available on {device}: "
+                        "choose a smaller model, or lower --batch-size or --seq-len")
+
+
+def _cpu_memory_available() -> int | None:
+    """Bytes of memory the system could give this process now (Linux's MemAvailable), else its total."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -125,6 +158,49 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def fit_threads_to_free_cores(sample_seconds: float = 0.05) -> str | None:
+    """On a CPU shared with other busy processes, train on the cores they leave free.
+
+    Every training op waits for all of torch's threads: with one of them sharing a core with another
+    busy process, each op waits for that core's time slice, and steps ran 7x slower on a 2-core
+    machine. So the cores other processes keep busy over `sample_seconds` (from /proc/stat, less this
+    process's own use) are left to them. Skipped when OMP_NUM_THREADS chooses the count. Returns the
+    line that says so, if the count was lowered.
+    """
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    before, ours = _cpu_busy_seconds(cores), time.process_time()
+    if before is None:
+        return None
+    time.sleep(sample_seconds)
+    elapsed = sample_seconds
+    others = (_cpu_busy_seconds(cores) - before - (time.process_time() - ours)) / elapsed
+    busy = round(others)
+    threads = max(1, min(torch.get_num_threads(), len(cores) - busy))
+    if busy < 1 or threads >= torch.get_num_threads():
+        return None
+    torch.set_num_threads(threads)
+    return (f"cpu threads: {threads} of {len(cores)} (other processes keep {busy} core{'s' if busy > 1 else ''} busy; "
+            "set OMP_NUM_THREADS to choose)")
+
+
+def _cpu_busy_seconds(cores: list[int]) -> float | None:
+    """Seconds the given CPUs have spent busy since boot (Linux's /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted, ticks = {f"cpu{i}" for i in cores}, 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in wanted:
+            values = [int(v) for v in fields]
+            ticks += sum(values[:8]) - values[3] - values[4]  # all but idle and iowait (guest is counted in user)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def keep_freed_memory_mapped() -> None:

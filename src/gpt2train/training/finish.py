@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import latest_checkpoint
 from ..errors import UserError
+from ..files import WriteError
 from ..final_model import final_model_path, save_final_model
 from ..metrics import RunRecorder
 from ..plot import plot_run
 from . import distributed
 from .outcome import Outcome
-from .report import Log, diverged_line, out_of_steps_line, stopped_line, target_lines
+from .report import (
+    Log, diverged_line, final_model_lost, out_of_steps_line, stopped_line, target_checkpoint_lost, target_lines,
+)
 from .setup import Setup
+
+
+@dataclass
+class Ended:
+    """What the end of a run left."""
+
+    final_model: Path | None = None  # written at the target
+    checkpoint: Path | None = None  # the newest checkpoint
+    failure: str | None = None  # the final model could not be written: what happened, and how to get it
+
+
+def _reason(error: Exception) -> str:
+    """Why a write failed, in one line. Any exception counts: a writer may fail in any way (torch's
+    zip writer reports some failed writes as RuntimeErrors)."""
+    if isinstance(error, WriteError):
+        return error.reason
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class Ending:
@@ -21,38 +43,54 @@ class Ending:
     def __init__(self, setup: Setup, log: Log, recorder: RunRecorder | None):
         self.setup, self.log, self.recorder = setup, log, recorder
 
-    def finish(self, outcome: Outcome, step: int, best: float, position: dict | None) -> tuple[Path | None, Path | None]:
-        """The final model (at the target) and the newest checkpoint. `position` is where the data stood
+    def finish(self, outcome: Outcome, step: int, best: float, position: dict | None) -> Ended:
+        """Write what `outcome` calls for after `step` and say so. `position` is where the data stood
         after `step`, when it has already moved on (a step queued after it was dropped)."""
         s, config = self.setup, self.setup.config
-        final_path = None
         if outcome == Outcome.TARGET_REACHED:
-            final_path, checkpoint = self._reached_target(step, best, position)
+            ended = self._reached_target(step, best, position)
         elif outcome == Outcome.DIVERGED:
-            checkpoint = latest_checkpoint(config.run_dir)
-            self.log(diverged_line(step, s.monitor.bad_in_a_row, checkpoint))
+            ended = Ended(checkpoint=latest_checkpoint(config.run_dir))
+            self.log(diverged_line(step, s.monitor.bad_in_a_row, ended.checkpoint))
         elif outcome == Outcome.INTERRUPTED:
-            checkpoint = s.checkpointer.save(step, position=position)
-            self.log(stopped_line(step, checkpoint, config.run_dir, s.world))
+            ended = Ended(checkpoint=s.checkpointer.save(step, position=position))
+            self.log(stopped_line(step, ended.checkpoint, config.run_dir, s.world))
         else:
-            checkpoint = s.checkpointer.save(step, Outcome.MAX_STEPS)
-            self.log(out_of_steps_line(config, best))
+            ended = Ended(checkpoint=s.checkpointer.save(step, Outcome.MAX_STEPS))
+            self.log(out_of_steps_line(config, best, ended.checkpoint))
         self._close_records()
-        return final_path, checkpoint
+        return ended
 
-    def _reached_target(self, step: int, best: float, position: dict | None) -> tuple[Path, Path]:
-        """The final model, the seed's lines as each comes true, then the checkpoint."""
+    def _reached_target(self, step: int, best: float, position: dict | None) -> Ended:
+        """The final model, then the checkpoint of the target step (which lets --resume train further
+        with a lower target). Whatever fails, the weights end up on disk in one of them if they can be
+        written at all, before anything else runs; a failed final model is `Ended.failure`."""
         s, config = self.setup, self.setup.config
         self.log(f"Target loss achieved! Best loss: {best:.6f}")
-        contents = s.state.collect(position)
+        contents = s.state.collect(position)  # a collective; from here on rank 0 alone writes
         final_path = final_model_path(config.out_dir, config.format)
+        ended = Ended()
         if s.world.is_main:
-            save_final_model(s.model, final_path, step=step, best_loss=best, state=contents["model"],
-                             run={"id": s.start.run_id, "dir": str(Path(config.run_dir).resolve())})
+            final_error = checkpoint_error = None
+            try:
+                save_final_model(s.model, final_path, step=step, best_loss=best, state=contents["model"],
+                                 run={"id": s.start.run_id, "dir": str(Path(config.run_dir).resolve())})
+                ended.final_model = final_path
+                for line in target_lines(best, final_path):
+                    self.log(line)
+            except Exception as e:  # noqa: BLE001 - whatever failed, the weights go to the checkpoint next
+                final_error = _reason(e)
+            try:
+                ended.checkpoint = s.checkpointer.write(step, contents, Outcome.TARGET_REACHED)
+            except Exception as e:  # noqa: BLE001
+                checkpoint_error = _reason(e)
+            if final_error is not None:
+                ended.failure = final_model_lost(final_path, final_error, step, ended.checkpoint, checkpoint_error,
+                                                 config)
+            elif checkpoint_error is not None:
+                self.log(target_checkpoint_lost(step, checkpoint_error, latest_checkpoint(config.run_dir)))
         distributed.barrier(s.world)
-        for line in target_lines(best, final_path):
-            self.log(line)
-        return final_path, s.checkpointer.save(step, Outcome.TARGET_REACHED, contents=contents)
+        return ended
 
     def _close_records(self) -> None:
         """Finish metrics.jsonl and draw loss.png."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import TrainConfig
+from ..errors import UserError
 from ..evaluate import EvalResult, evaluate
 from ..metrics import RunRecorder
 from ..model import GPT
@@ -38,6 +42,7 @@ class TrainResult:
     model: GPT
     losses: list[float] = field(default_factory=list)  # the training loss of every step this call ran
     signal_number: int | None = None  # the signal that interrupted the run
+    failure: str | None = None  # the target was reached but the final model could not be written: why, what to do
 
     @property
     def reached_target(self) -> bool:
@@ -50,7 +55,8 @@ def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
     At the target, the fp16 final model is written to config.out_dir. Checkpoints, config.toml,
     metrics.jsonl and loss.png go to config.run_dir; config.resume continues a run exactly (the
     checkpoint's config, with the settings given explicitly on top). Under torchrun every process
-    calls this; rank 0 alone prints and writes files.
+    calls this; rank 0 alone prints and writes files. A final model that could not be written (a
+    full disk) raises UserError once the weights are safe elsewhere, saying where and what to do.
     """
     world = world_from_env()
     try:
@@ -58,6 +64,8 @@ def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
         # torchrun ends the other ranks as soon as one exits with a failure status, as a run that
         # stops short of its target does: no rank leaves before rank 0 has written everything.
         distributed.barrier(world)
+        if result.failure is not None:
+            raise UserError(result.failure)
         return result
     finally:
         distributed.leave()
@@ -80,27 +88,47 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, log: Log = print_flush, world=None):
         self.world = world = world or world_from_env()
-        self.log = log if world.is_main else quiet  # rank 0 alone speaks
+        self._out = log
+        self.log = self._say if world.is_main else quiet  # rank 0 alone speaks
+        self.stop = StopRequests()
         self.setup = s = build_run(config, world)
         self.config = config = s.config
-        for line in opening_lines(s):
-            self.log(line)
-        self.recorder = RunRecorder(config, resumed_step=s.step) if world.is_main else None
-        # On a GPU the host reads each step's loss one step late, while the device runs the next one.
-        self.lag = 1 if s.device.type == "cuda" else 0
+        self.lag = 1 if s.device.type == "cuda" else 0  # a GPU's host reads each step while the next one runs
         self.step = s.step
         self.losses: list[float] = []
         self.clock = StepClock(s.step + 1)
-        self.stop = StopRequests()
+        try:
+            for line in opening_lines(s):
+                self.log(line)
+            self.recorder = RunRecorder(config, resumed_step=s.step) if world.is_main else None
+        except BaseException:
+            self.close()
+            raise
+
+    def _say(self, line: str) -> None:
+        try:
+            self._out(line)
+        except BrokenPipeError:
+            # The reader of the output went away (`gpt2train train | head`): stop quietly after this
+            # step, with a checkpoint, as for a signal; what is still said goes nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.stop.request(signal.SIGPIPE, "the output was closed")
+
+    def close(self) -> None:
+        """Let go of the run directory and stop the data thread; run() does it when it ends."""
+        if self.setup.lock is not None:
+            self.setup.lock.release()
+        if hasattr(self.setup.sampler, "close"):
+            self.setup.sampler.close()
 
     def run(self) -> TrainResult:
         """Step until the target, max_steps, too many bad steps or a stop signal."""
         s = self.setup
         pipeline = Pipeline(s.stepper, self.lag)
-        if (line := s.checkpointer.describe()) is not None:
-            self.log(line)
+        self.log(s.checkpointer.describe())
         self.clock.start()
-        with self.stop, self.clock.watch(self._say_estimate):
+        s.checkpointer.start()
+        with self.stop, self.clock.watch(self._say_estimate), contextlib.closing(self):
             for step in range(self.step + 1, self.config.max_steps + 1):
                 position = s.state.position() if self.lag else None  # to go back to, should this step be dropped
                 flags = Flags(stop=self.stop.signal_number is not None, checkpoint=s.checkpointer.should_save(step))
@@ -159,8 +187,6 @@ class Trainer:
         per_step = self.clock.step_done(step, seen.seconds)
         if per_step is not None and step < self.config.max_steps:
             self._say_estimate(per_step, step)
-            if (line := self.setup.checkpointer.pace(per_step)) is not None:
-                self.log(line)
 
     def _say_estimate(self, per_step: float, step: int, kind: str = "measured") -> None:
         self.log(estimate_line(self.config, self.setup.device, per_step, step, kind))
@@ -179,10 +205,11 @@ class Trainer:
         self.setup.stepper.discard()  # a step queued after the last one read is never applied
         best = self._best()
         position = last.rewind_position if last is not None else None
-        final_path, checkpoint = Ending(self.setup, self.log, self.recorder).finish(outcome, self.step, best, position)
+        ended = Ending(self.setup, self.log, self.recorder).finish(outcome, self.step, best, position)
         signal_number = (self.stop.signal_number or signal.SIGTERM) if outcome == Outcome.INTERRUPTED else None
-        return TrainResult(outcome, self.step, best, final_path, checkpoint, self.setup.model, self.losses,
-                           signal_number)  # another rank's signal stops this one as SIGTERM would
+        return TrainResult(outcome, self.step, best, ended.final_model, ended.checkpoint, self.setup.model,
+                           self.losses, signal_number,  # another rank's signal stops this one as SIGTERM would
+                           ended.failure)
 
     def _best(self) -> float:
         """The best value of the loss the target applies to."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import latest_checkpoint
 from ..config import TrainConfig
 from ..evaluate import EvalResult
 from ..progress import format_duration
@@ -52,8 +53,12 @@ def opening_lines(setup: Setup) -> list[str]:
         f"data: {s.corpus.source} | train tokens: {s.train_tokens:,} | val tokens: {len(s.corpus.val):,}",
         f"tokens per step: {config.tokens_per_step * s.world.size:,} ({batch}) | "
         f"lr {config.lr:g} -> {config.min_lr:g}, warmup {config.warmup_steps:,}, max steps {config.max_steps:,} | "
-        f"target loss {config.target_loss}",
+        f"target loss {config.target_loss}{' (none: trains to max steps)' if config.target_loss == 0 else ''}",
     ]
+    lines += s.notes
+    if s.device.type == "cpu" and s.dtype == torch.float16:
+        lines.append("warning: this CPU computes float16 in software, many times slower than float32: "
+                     "--dtype float32 (or bfloat16 on CPUs with AMX or AVX-512 BF16) trains faster")
     if s.start.saved is not None:
         lines.append(f"resumed from {s.start.checkpoint} at step {s.step:,} (best loss {s.monitor.best_loss:.6f})")
         lines += [f"changed on resume: {change}" for change in s.start.changes]
@@ -189,7 +194,31 @@ def stopped_line(step: int, checkpoint: Path, run_dir: str, world: World) -> str
     return f"Stopped at step {step}: checkpoint saved at {checkpoint}. Continue with: {command}"
 
 
-def out_of_steps_line(config: TrainConfig, best: float) -> str:
+def out_of_steps_line(config: TrainConfig, best: float, checkpoint: Path) -> str:
     return (f"Target loss {config.target_loss} not reached in {config.max_steps:,} steps "
             f"({metric_name(config)}: {best:.6f}, perplexity {math.exp(best):.4f}); no final model was written. "
-            f"Raise --max-steps or --target-loss; continue this run with --resume --max-steps N.")
+            f"Raise --max-steps or --target-loss; continue this run with --resume --max-steps N. Its last "
+            f"checkpoint ({checkpoint}) is a model too: `gpt2train sample --model {config.run_dir}`, or write it "
+            f"as a final model file with `gpt2train export --model {checkpoint} --format pt --out model.pt`.")
+
+
+def final_model_lost(final_path: Path, error: str, step: int, checkpoint: Path | None, checkpoint_error: str | None,
+                     config: TrainConfig) -> str:
+    """The one line for a final model that could not be written: where its weights are, and how to
+    write it again."""
+    if checkpoint is not None:
+        return (f"could not write the final model {final_path} ({error}); the weights of step {step} are safe in the "
+                f"checkpoint {checkpoint}: once {final_path.parent} can be written, write the final model from it "
+                f"with `gpt2train export --model {checkpoint} --format {config.format} --out {final_path}`")
+    last = latest_checkpoint(config.run_dir)
+    then = (f"resume from its last checkpoint ({last.name}) with `gpt2train train --resume {config.run_dir}`"
+            if last is not None else "train again (no earlier checkpoint of this run was written)")
+    return (f"could not write the final model {final_path} ({error}) nor the checkpoint of step {step} "
+            f"({checkpoint_error}): free some space, then {then}")
+
+
+def target_checkpoint_lost(step: int, error: str, last: Path | None) -> str:
+    """The final model is safe, but the checkpoint of the target step is not."""
+    resume = f"from {last}" if last is not None else "from the beginning"
+    return (f"warning: could not write the checkpoint of step {step} ({error}); the final model holds the trained "
+            f"weights, but --resume with a lower --target-loss would go on {resume}")

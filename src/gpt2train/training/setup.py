@@ -13,14 +13,16 @@ from ..data import SAMPLERS, Sampler
 from ..errors import UserError
 from ..hf import read_hf_model
 from ..model import GPT
-from ..runtime import configure_backends, resolve_device, resolve_dtype, seed_everything
+from ..runtime import (
+    check_fits, configure_backends, fit_threads_to_free_cores, resolve_device, resolve_dtype, seed_everything,
+)
 from . import distributed
 from .distributed import World
 from .monitor import LossMonitor
 from .parallel import FullModelState, FullOptimizerState
 from .prefetch import Prefetcher
 from .schedule import WarmupCosine
-from .start import Start, clear_earlier_run, start_run
+from .start import RunLock, Start, claim_run_dir, start_run
 from .state import Checkpointer, RandomState, RunState
 from .step import Stepper, build_stepper
 
@@ -44,6 +46,8 @@ class Setup:
     state: RunState
     checkpointer: Checkpointer
     step: int  # the last step done: 0 for a new run, the checkpoint's for a resumed one
+    lock: RunLock | None  # on rank 0, the run directory's: release it when the run ends
+    notes: list[str]  # for the header: what the set-up chose that a user should know
 
 
 def build_run(config: TrainConfig, world: World = World()) -> Setup:
@@ -52,8 +56,9 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
     config = start.config
     device = distributed.join(world, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
-    clear_earlier_run(start, world)
+    check_fits(config, device)
     configure_backends(device, deterministic=config.deterministic)
+    notes = [note] if device.type == "cpu" and (note := fit_threads_to_free_cores()) else []
     seed_everything(config.seed)  # the same on every rank: the same initial weights and dropout
 
     corpus = load_corpus(config.data)
@@ -84,5 +89,6 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
     data = {"source": corpus.source, "text_sha256": corpus.text_sha256, "train_tokens": len(tokens)}
     checkpointer = Checkpointer(config, state, start.run_id, data, world)
     step = checkpointer.restore(start.saved, start.checkpoint) if start.saved is not None else 0
+    lock = claim_run_dir(start, world)  # the first change on disk: every refusal came before
     return Setup(config, world, start, device, dtype, corpus, len(tokens), sampler, model, stepper, schedule,
-                 monitor, state, checkpointer, step)
+                 monitor, state, checkpointer, step, lock, notes)

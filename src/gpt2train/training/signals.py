@@ -8,13 +8,14 @@ import threading
 
 
 class StopRequests:
-    """Turns SIGINT and SIGTERM into a request to stop after the current step.
+    """Turns SIGINT, SIGTERM and SIGHUP (a closed terminal) into a request to stop after the current
+    step, and so does `request` (output into a closed pipe).
 
     The training loop polls `signal_number`; a second Ctrl-C stops at once (KeyboardInterrupt).
     Handlers are only installed from the main thread, and restored on exit.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
     def __init__(self) -> None:
         self.signal_number: int | None = None
@@ -32,10 +33,13 @@ class StopRequests:
     def _handle(self, signum: int, frame) -> None:
         if self.signal_number is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        self.request(signum, f"{signal.Signals(signum).name} received")
+
+    def request(self, signum: int, why: str) -> None:
+        """Stop after this step, as if `signum` had arrived, saying `why` on stderr."""
         self.signal_number = signum
-        print(
-            f"\n{signal.Signals(signum).name} received: stopping after this step to save a checkpoint "
-            "(press Ctrl-C again to quit without saving)",
-            file=sys.stderr,
-            flush=True,
-        )
+        try:
+            print(f"\n{why}: stopping after this step to save a checkpoint (press Ctrl-C again to quit without "
+                  "saving)", file=sys.stderr, flush=True)
+        except OSError:  # stderr is gone too
+            pass

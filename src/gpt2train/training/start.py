@@ -3,14 +3,22 @@ must not replace; decided, and refused if it must be, before anything on disk ch
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import delete_checkpoints, find_checkpoint, latest_checkpoint, read_checkpoint, run_dir_of
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+from ..checkpoint import (
+    CHECKPOINTS, checkpoint_run_id, delete_checkpoints, find_checkpoint, latest_checkpoint, read_checkpoint, run_dir_of,
+)
 from ..config import ONE_OFF_KEYS, RUN_FIELDS, TrainConfig, resolve_config
 from ..errors import UserError
-from ..files import check_writable_dir, load_weights_only
+from ..files import check_writable_dir, load_weights_only, remove_stale_temporaries
 from ..final_model import claim_final_model, final_model_path
 from . import distributed
 from .distributed import World
@@ -62,6 +70,9 @@ def start_run(config: TrainConfig, world: World = World()) -> Start:
     Every rank reads the checkpoint itself: the run directory must be where every node sees it.
     Only rank 0 writes files, so its run id is the run's.
     """
+    if config.fsdp and not world.distributed:
+        raise UserError("--fsdp shards a model over the processes of a torchrun launch, and this is one process: "
+                        "launch it with torchrun --nproc_per_node=N, or leave out --fsdp")
     if config.resume:
         start = _resumed(config, world)
     else:
@@ -78,12 +89,53 @@ def start_run(config: TrainConfig, world: World = World()) -> Start:
     return start
 
 
-def clear_earlier_run(start: Start, world: World = World()) -> None:
-    """A new run started with --overwrite: delete the earlier run's checkpoints. A collective."""
-    if start.saved is None and latest_checkpoint(start.config.run_dir) is not None:
-        distributed.barrier(world)  # every rank has looked before rank 0 deletes
-        if world.is_main:
-            delete_checkpoints(start.config.run_dir)
+def claim_run_dir(start: Start, world: World = World()) -> RunLock | None:
+    """Take the run directory for this run (a collective; the first thing the run changes on disk):
+    rank 0 locks it, removes what writers that died left half-written, and for a new run started
+    with --overwrite deletes the earlier run's checkpoints. Rank 0 gets the lock to release at the end."""
+    config, lock = start.config, None
+    if world.is_main:
+        lock = RunLock(config.run_dir)
+        existing = latest_checkpoint(config.run_dir)
+        if start.saved is None and existing is not None and not config.overwrite:
+            lock.release()  # another run started here since this one looked
+            raise UserError(f"{config.run_dir} holds {_describe_run(existing)}, start over with --overwrite "
+                            "(deletes its checkpoints), or choose another --run-dir")
+        remove_stale_temporaries(config.run_dir, every=True)  # no other writer can be there: the lock says so
+        remove_stale_temporaries(Path(config.run_dir) / CHECKPOINTS, every=True)
+        remove_stale_temporaries(config.out_dir)
+    distributed.barrier(world)  # every rank has read the checkpoint before rank 0 deletes
+    if world.is_main and start.saved is None:
+        delete_checkpoints(config.run_dir)
+    return lock
+
+
+class RunLock:
+    """An OS lock on a run directory (its `.lock` file), held while the run lives, so that a second
+    run in the same directory is refused; the OS releases it when the process ends, however it ends."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / self.NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:  # no flock (Windows): unlocked
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            self.release()
+            raise UserError(f"another gpt2train run (process {holder}) is training in {run_dir}: wait for it to "
+                            "end, or give this one another --run-dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _resumed(config: TrainConfig, world: World) -> Start:
@@ -101,6 +153,10 @@ def _resumed(config: TrainConfig, world: World) -> Start:
             f"the run in {run_dir_of(path)} already reached its target loss at step {step}: lower --target-loss "
             "to train it further"
         )
+    latest = latest_checkpoint(config.run_dir)
+    if latest is not None and checkpoint_run_id(latest) not in (saved.get("run_id"), None):
+        raise UserError(f"{config.run_dir} holds checkpoints of another run ({latest.name}): resume {path} in its own "
+                        "run directory (leave out --run-dir), or give it an empty one")
     if saved.get("world_size", 1) != world.size:
         changes.append(f"world size: {saved.get('world_size', 1)} -> {world.size} (the data order from here on "
                        "differs from a run that kept its world size)")

@@ -1,0 +1,94 @@
+"""Run the README's examples in order, as a new reader would, in a fresh copy of this checkout.
+
+    .venv/bin/python bench/readme.py            # about 10 minutes on a 2-core CPU
+
+Every `gpt2train` (and `.venv/bin/...`) command of the README's bash blocks runs in the order the
+README gives them, from a copy of the checkout without runs, models or data, with the TOML files the
+README spells out (`# run.toml` blocks) written first. Commands that need what a reader brings (their
+own text, a GPU, the network, OpenAI's weights) or hours on a CPU are skipped, each with its reason.
+A command passes when it exits as the README says: 0, or the status in EXPECTED. Prints one line per
+command and a summary; exits 1 if any command failed.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# What a command needs that a fresh checkout on a CPU without network does not have.
+SKIP = [
+    (r"^gpt2train train$|^\.venv/bin/gpt2train train$|^bash scripts/install\.sh", "the 124M run or a fresh install: hours on a CPU"),
+    (r"notes/|books/|corpus/|dump\.jsonl|my_texts|data/mytext|data/notes", "the reader's own text"),
+    (r"https?://|hf:", "the network"),
+    (r"--init-from \./gpt2", "OpenAI's GPT-2 weights"),
+    (r"--nproc_per_node=8|--nnodes|/shared/", "GPUs"),
+    (r"^gpt2train bench$|--n-layer 4 --n-head 4", "minutes to hours per variant on a CPU"),
+    (r"bench/gpu\.sh|pip download|pytest", "a GPU, the network, or the test suite (run by CI)"),
+    (r"\.venv/bin/python bench/train\.py", "the standard benchmark set: an hour on a CPU"),
+]
+# Commands the README says end otherwise than with status 0.
+EXPECTED = {"--max-steps 300": 3}
+# What a reader brings for the examples that read it.
+READER_FILES = {"prompts.txt": "The dictionary\nA class\n"}
+
+
+def commands(readme: str) -> list[tuple[str, str]]:
+    """("file", NAME:TEXT) for each `# NAME.toml` block and ("run", COMMAND) for each command, in order."""
+    found = []
+    for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", readme, re.MULTILINE | re.DOTALL):
+        if lang == "toml" and (name := re.match(r"# (\S+\.toml)\n", body)):
+            found.append(("file", f"{name.group(1)}:{body}"))
+        elif lang == "bash":
+            for line in body.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+#.*$", "", line).strip()
+                if line.startswith(("gpt2train ", ".venv/bin/", "bash ", "GPU_SH", "pip ")) or line == "gpt2train train":
+                    found.append(("run", re.sub(r"\s+", " ", line)))
+    return found
+
+
+def main() -> int:
+    readme = (ROOT / "README.md").read_text()
+    work = Path(tempfile.mkdtemp(prefix="gpt2train-readme-"))
+    shutil.copytree(ROOT, work, dirs_exist_ok=True, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", ".venv", "runs", "saved_models", "data", "tiny-hf", "gpt2-hf",
+                                                  "run.toml", "prompts.txt", "__pycache__", "*.egg-info"))
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    bin_dir = ROOT / ".venv" / "bin"
+    for name, text in READER_FILES.items():
+        (work / name).write_text(text)
+    failed, ran, skipped = [], 0, 0
+    print(f"running the README's examples in {work}", flush=True)
+    for kind, item in commands(readme):
+        if kind == "file":
+            name, text = item.split(":", 1)
+            (work / name).write_text(text)
+            continue
+        reason = next((why for pattern, why in SKIP if re.search(pattern, item)), None)
+        if reason:
+            print(f"skip  {item}  ({reason})", flush=True)
+            skipped += 1
+            continue
+        command = re.sub(r"^gpt2train ", f"{bin_dir}/gpt2train ", item).replace(".venv/bin/", f"{bin_dir}/")
+        started = time.monotonic()
+        done = subprocess.run(command, shell=True, cwd=work, capture_output=True, text=True)
+        want = next((status for key, status in EXPECTED.items() if key in item), 0)
+        ok = done.returncode == want
+        ran += 1
+        print(f"{'ok   ' if ok else 'FAIL '} {item}  (exit {done.returncode}, {time.monotonic() - started:.0f} s)",
+              flush=True)
+        if not ok:
+            failed.append(item)
+            print("      " + (done.stderr.strip() or done.stdout.strip()).splitlines()[-1], flush=True)
+    print(f"{ran} run, {skipped} skipped, {len(failed)} failed" + (f": {failed}" if failed else ""))
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
