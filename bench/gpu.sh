@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/gpu.sh LOGDIR: the GPU speed figures and their targets (BENCHMARKS.md), from a checkout, offline, in at most ~8 minutes.
+# bench/gpu.sh LOGDIR: the GPU speed figures and their targets (BENCHMARKS.md), from a checkout, offline, in at most ~7 minutes.
 #
 #   bash bench/gpu.sh gpu-logs                   # on a machine with one CUDA GPU, in the repository root
 #   GPU_SH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu.sh /tmp/gpu-smoke    # the same on a CPU, tiny model
@@ -12,15 +12,15 @@
 #
 # Parts, each under its own timeout, its logs in LOGDIR (a part that fails or runs out of time is reported
 # FAIL and the others still run):
-#   a. `gpt2train bench` at batch 8 x 1024 (--steps 30 --warmup 8) and 32 x 1024 (--steps 15 --warmup 5):
-#      the variants gpt2train and compiled (the standard compiled recipe) at both sizes and
-#      gpt2train-deterministic, gpt2train with --fused-loss (its peak memory against the 4.5 GB
-#      target) and gpt2train with --compile-blocks (its compile and warm-up time beside the others')
-#      at 8 x 1024, each variant a process of its own (bench-*.json);
-#      GPU_SH_EAGER=1 adds the eager variant at 8 x 1024.
+#   a. `gpt2train bench` at batch 8 x 1024 (--steps 30 --warmup 8), each variant a process of its own
+#      (bench-*.json): gpt2train, compiled (the standard compiled recipe), and gpt2train with each lever:
+#      --fused-loss (its peak memory against the 4.5 GB target), --compile-blocks (its compile and
+#      warm-up time beside the others'), --compile-mode reduce-overhead (CUDA graphs). GPU_SH_FULL=1 adds
+#      32 x 1024 (--steps 15 --warmup 5) for gpt2train and compiled, gpt2train-deterministic,
+#      --compile-mode max-autotune-no-cudagraphs and the eager variant at 8 x 1024.
 #   b. time to target: `gpt2train train` with all defaults in a fresh directory, cold (an empty
-#      TORCHINDUCTOR_CACHE_DIR) and then warm (the same cache), every output line time-stamped from
-#      launch (ttt-cold.log, ttt-warm.log).
+#      TORCHINDUCTOR_CACHE_DIR) and then warm (the same cache), then `--preset gpt2-fast` warm, every
+#      output line time-stamped from launch (ttt-cold.log, ttt-warm.log, ttt-fast.log).
 #   c. determinism, with --deterministic: runs A and B from scratch (side by side, each with a cold
 #      compile cache of its own) and run C, killed with SIGKILL right after its step-N checkpoint and
 #      resumed from it; every logged loss of B and of C must equal A's, and so must the weights in their
@@ -34,7 +34,7 @@
 # target it reaches in seconds, pytest's GPU tests skipped. Its figures are not GPU figures and are not
 # judged against the targets; the determinism checks are. It is how this script is kept working
 # without a GPU: run it after changing the script or the commands and output it relies on.
-# GPU_SH_BUDGET (seconds; default 480, 1200 in a smoke run) bounds the whole script: each part gets at most
+# GPU_SH_BUDGET (seconds; default 400, 1200 in a smoke run) bounds the whole script: each part gets at most
 # what is left of it.
 set -euo pipefail
 
@@ -47,7 +47,8 @@ if [[ $PY == */* ]]; then  # a path: made absolute, since the runs below start i
     PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 fi
 SMOKE=${GPU_SH_SMOKE:-0}
-BUDGET=${GPU_SH_BUDGET:-$([ "$SMOKE" = 1 ] && echo 1200 || echo 480)}  # a shared CPU is slow and noisy
+BUDGET=${GPU_SH_BUDGET:-$([ "$SMOKE" = 1 ] && echo 1200 || echo 400)}  # a shared CPU is slow and noisy
+FULL=${GPU_SH_FULL:-0}
 RESERVE=15  # seconds kept for the summary
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-sh.XXXXXX")  # run directories and compile caches: large, not logs
 trap 'rm -rf "$WORK"' EXIT
@@ -61,6 +62,8 @@ if [ "$SMOKE" = 1 ]; then
     BENCH_8=(--steps 3 --warmup 2)
     BENCH_32=(--batch-size 32 --steps 2 --warmup 1)
     TARGET_RUN=(--device cpu --preset tiny --target-loss 7.0)
+    FAST_RUN=(--device cpu --preset gpt2-fast --n-layer 2 --n-head 4 --n-embd 128 --block-size 64 --seq-len 64
+              --train-tokens 1024 --target-loss 7.0)
     # The tests' model (seconds for 60 steps), so that runs side by side fit on a 2-core machine.
     DET_RUN=(--device cpu --preset tiny --n-layer 1 --n-head 2 --n-embd 32 --block-size 32 --seq-len 32
              --batch-size 4 --max-steps 60 --checkpoint-interval 20)
@@ -70,6 +73,7 @@ else
     BENCH_8=(--steps 30 --warmup 8)
     BENCH_32=(--batch-size 32 --steps 15 --warmup 5)
     TARGET_RUN=()  # all defaults: the seed's run
+    FAST_RUN=(--preset gpt2-fast)
     DET_RUN=(--device cuda --max-steps 200 --checkpoint-interval 100)
     DET_CHECKPOINT=100 DET_MAX=200
 fi
@@ -122,12 +126,14 @@ fi
 
 # --- a. bench ----------------------------------------------------------------------------------
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-bench"
-bench() {  # SIZE NAME FLAGS...: one variant in a process of its own; NAME is VARIANT, or VARIANT+fused
-    local size=$1 name=$2 variant=${2%%+*} rc=0  # (--fused-loss) or VARIANT+blocks (--compile-blocks)
+bench() {  # SIZE NAME FLAGS...: one variant in a process of its own; NAME is VARIANT, or VARIANT+LEVER
+    local size=$1 name=$2 variant=${2%%+*} rc=0
     shift 2
     case $name in
         *+fused) set -- "$@" --fused-loss ;;
         *+blocks) set -- "$@" --compile-blocks ;;
+        *+graphs) set -- "$@" --compile-mode reduce-overhead ;;
+        *+autotune) set -- "$@" --compile-mode max-autotune-no-cudagraphs ;;
     esac
     note "bench $size $name"
     timeout -k 10 "$(left 120)" "$PY" -m gpt2train bench "${BENCH[@]}" "$@" --variant "$variant" --json \
@@ -136,31 +142,35 @@ bench() {  # SIZE NAME FLAGS...: one variant in a process of its own; NAME is VA
 }
 bench 8x1024 gpt2train "${BENCH_8[@]}"
 bench 8x1024 compiled "${BENCH_8[@]}"
-bench 32x1024 gpt2train "${BENCH_32[@]}"
-bench 32x1024 compiled "${BENCH_32[@]}"
-bench 8x1024 gpt2train-deterministic "${BENCH_8[@]}"
 bench 8x1024 gpt2train+fused "${BENCH_8[@]}"
 bench 8x1024 gpt2train+blocks "${BENCH_8[@]}"
-if [ "${GPU_SH_EAGER:-0}" = 1 ]; then
+bench 8x1024 gpt2train+graphs "${BENCH_8[@]}"
+if [ "$FULL" = 1 ]; then
+    bench 32x1024 gpt2train "${BENCH_32[@]}"
+    bench 32x1024 compiled "${BENCH_32[@]}"
+    bench 8x1024 gpt2train-deterministic "${BENCH_8[@]}"
+    bench 8x1024 gpt2train+autotune "${BENCH_8[@]}"
     bench 8x1024 eager "${BENCH_8[@]}"
 fi
 
 # --- b. time to target -------------------------------------------------------------------------
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-ttt"
 rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-time_to_target() {  # cold|warm
+time_to_target() {  # cold|warm|fast, FLAGS...
     local name=$1 dir="$WORK/ttt-$1" rc=0 start end
-    note "time to target, $name compile cache"
+    shift
+    note "time to target, $name"
     mkdir -p "$dir"
     start=$(date +%s.%N)
-    (cd "$dir" && exec timeout -k 10 "$(left 150)" "$PY" -m gpt2train train ${TARGET_RUN[@]+"${TARGET_RUN[@]}"}) 2>&1 \
+    (cd "$dir" && exec timeout -k 10 "$(left 150)" "$PY" -m gpt2train train "$@") 2>&1 \
         | "$PY" -u "$WORK/stamp.py" "$start" > "$LOG/ttt-$name.log" || rc=$?
     end=$(date +%s.%N)
     echo "rc=$rc exit_s=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" > "$LOG/ttt-$name.exit"
     rm -rf "$dir"  # its checkpoint and final model
 }
-time_to_target cold
-time_to_target warm
+time_to_target cold ${TARGET_RUN[@]+"${TARGET_RUN[@]}"}
+time_to_target warm ${TARGET_RUN[@]+"${TARGET_RUN[@]}"}
+time_to_target fast "${FAST_RUN[@]}"
 
 # --- c. determinism, and d. pytest -m gpu beside it ----------------------------------------------
 unset TORCHINDUCTOR_CACHE_DIR
@@ -301,7 +311,8 @@ env = dict(line.split(": ", 1) for line in (log / "env.txt").read_text().splitli
 results = {}
 for size, variant in [("8x1024", "gpt2train"), ("8x1024", "compiled"), ("32x1024", "gpt2train"),
                       ("32x1024", "compiled"), ("8x1024", "gpt2train-deterministic"), ("8x1024", "gpt2train+fused"),
-                      ("8x1024", "gpt2train+blocks"), ("8x1024", "eager")]:
+                      ("8x1024", "gpt2train+blocks"), ("8x1024", "gpt2train+graphs"), ("8x1024", "gpt2train+autotune"),
+                      ("8x1024", "eager")]:
     if (log / f"bench-{size}-{variant}.rc").exists():
         results[size, variant] = bench(size, variant)
         if results[size, variant] is None:
@@ -331,10 +342,14 @@ if fused:
     gb = fused["peak_memory_mb"] * 2**20 / 1e9
     row(f"step {fused['shape']}, gpt2train --fused-loss", f"{fused['ms_per_step']:.1f} ms, peak {gb:.2f} GB",
         "<= 4.5 GB", gb <= 4.5)
-blocks = results.get(("8x1024", "gpt2train+blocks"))
-if blocks:
-    row(f"step {blocks['shape']}, gpt2train --compile-blocks", f"{blocks['ms_per_step']:.1f} ms", "recorded")
-for name in ("gpt2train", "compiled", "gpt2train+blocks"):
+for lever, flag in [("gpt2train+blocks", "--compile-blocks"), ("gpt2train+graphs", "--compile-mode reduce-overhead"),
+                    ("gpt2train+autotune", "--compile-mode max-autotune-no-cudagraphs")]:
+    timed = results.get(("8x1024", lever))
+    if timed:
+        base = f", {timed['ms_per_step'] / ours['ms_per_step']:.2f}x the default's time" if ours else ""
+        row(f"step {timed['shape']}, gpt2train {flag}", f"{timed['ms_per_step']:.1f} ms{base}, peak "
+            f"{timed['peak_memory_mb'] * 2**20 / 1e9:.2f} GB", "recorded")
+for name in ("gpt2train", "compiled", "gpt2train+blocks", "gpt2train+graphs", "gpt2train+autotune"):
     timed = results.get(("8x1024", name))
     if timed and "warmup_s" in timed:
         row(f"compile and warm-up {timed['shape']}, {name}", f"{timed['warmup_s']:.1f} s", "recorded")
@@ -343,8 +358,11 @@ if eager:
     row(f"step {eager['shape']}, eager (median)", f"{eager['ms_per_step']:.1f} ms", "")
 
 # b. time to target
-for name, limit in [("cold", 45.0), ("warm", 35.0)]:
+for name, limit in [("cold", 40.0), ("warm", 30.0), ("fast", 15.0)]:
+    what = {"cold": "cold compile cache", "warm": "warm compile cache", "fast": "--preset gpt2-fast, warm cache"}[name]
     path = log / f"ttt-{name}.log"
+    if not path.exists() and name == "fast":
+        continue
     text = path.read_text() if path.exists() else ""
     exit_line = (log / f"ttt-{name}.exit").read_text() if (log / f"ttt-{name}.exit").exists() else "rc=? exit_s=nan"
     rc, exit_s = re.search(r"rc=(\S+) exit_s=(\S+)", exit_line).groups()
@@ -356,11 +374,11 @@ for name, limit in [("cold", 45.0), ("warm", 35.0)]:
     header, estimate, target = at("device: "), at("estimated time to max steps"), at("Target loss achieved!")
     steps = re.findall(r"^\s*\d+\.\d+ step (\d+) \|", text, re.MULTILINE)
     if target is None:
-        row(f"time to target, {name} cache", f"target not reached (exit {rc}{', timed out' if rc in ('124', '137') else ''}; "
+        row(f"time to target, {what}", f"target not reached (exit {rc}{', timed out' if rc in ('124', '137') else ''}; "
             f"see ttt-{name}.log)", f"<= {limit:g} s", False)
         continue
     fmt = lambda s: "-" if s is None else f"{s:.1f}"
-    row(f"time to target, {name} cache", f"{target:.1f} s to `Target loss achieved!` at step "
+    row(f"time to target, {what}", f"{target:.1f} s to `Target loss achieved!` at step "
         f"{steps[-1] if steps else '?'} (header {fmt(header)} s, first estimate {fmt(estimate)} s, exit {exit_s} s)",
         f"<= {limit:g} s", target <= limit)
 

@@ -1,4 +1,11 @@
+import atexit
 import os
+import shutil
+import tempfile
+
+# The token cache (and anything else gpt2train caches) of the test session: its own, removed at the end.
+os.environ["GPT2TRAIN_CACHE"] = tempfile.mkdtemp(prefix="gpt2train-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GPT2TRAIN_CACHE"], True)
 
 # The tests compare numbers between runs, and torch's CPU reductions add in an order that depends on the
 # thread count: pinned, so that gpt2train never lowers it for a run on a machine that is busy meanwhile.

@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -96,3 +97,30 @@ def test_when_nothing_can_be_written_the_run_says_what_is_left(tmp_path, small_c
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "could not write the final model" in result.stderr and "nor the checkpoint of step 1" in result.stderr
     assert "train again (no earlier checkpoint of this run was written)" in result.stderr
+
+
+def test_the_target_checkpoint_is_written_while_the_records_close_and_the_run_waits_for_it(tmp_path, small_corpus,
+                                                                                           monkeypatch):
+    from helpers import quiet, tiny_config
+
+    from gpt2train import train
+    from gpt2train.training.state import Checkpointer
+
+    written, real_write = [], Checkpointer.write
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(1.0)  # a large checkpoint on a slow disk
+        path = real_write(self, *args, **kwargs)
+        written.append(time.monotonic())
+        return path
+
+    monkeypatch.setattr(Checkpointer, "write", slow_write)
+    lines = []
+    result = train(tiny_config(tmp_path, small_corpus, target_loss=5.0), log=lambda line: lines.append((line, time.monotonic())))
+    returned = time.monotonic()
+    plotted = next(at for line, at in lines if line.startswith("loss plot"))
+    assert plotted < written[0] <= returned  # the plot did not wait for the checkpoint; the run did
+    assert read_checkpoint(result.checkpoint_path)["finished"] == "target_reached"
+    monkeypatch.undo()
+    further = quiet(tiny_config(tmp_path, small_corpus, target_loss=3.0, resume="latest"))
+    assert further.reached_target and further.steps > result.steps  # the checkpoint is complete: it resumes

@@ -41,3 +41,19 @@ def test_full_state_dicts_keep_the_tied_weight_as_one_tensor_and_load_back():
     FullOptimizerState(other, other_optimizer).load_state_dict(moments)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_one_process_saves_the_optimizer_in_the_layout_fsdp_runs_read():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    optimizer = build_optimizer(model, 1e-3, 0.1)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
+    ours = FullOptimizerState(model, optimizer).state_dict()
+    theirs = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert ours["state"].keys() == theirs["state"].keys()
+    assert all(torch.equal(ours["state"][name][k], theirs["state"][name][k])
+               for name in ours["state"] for k in ours["state"][name])

@@ -12,8 +12,8 @@ from gpt2train.training.step import Flags, Pipeline, Stepper
 CPU = torch.device("cpu")
 
 
-def make_stepper(model, dtype=torch.float32, compile=False, compile_blocks=False):
-    parallel = parallelize(model, CPU, dtype, compile=compile, compile_blocks=compile_blocks)
+def make_stepper(model, dtype=torch.float32, compile=False, compile_blocks=False, compile_mode="default"):
+    parallel = parallelize(model, CPU, dtype, compile=compile, compile_blocks=compile_blocks, compile_mode=compile_mode)
     return Stepper(model, build_optimizer(model, 1e-3, 0.1), CPU, dtype, 1.0, parallel.forward)
 
 
@@ -39,13 +39,14 @@ def test_the_fast_path_computes_the_eager_paths_loss():
     assert ours == pytest.approx(eager, rel=1e-2)
 
 
-def losses_of_steps(steps: int, compile: bool = False, fused_loss: bool = False, compile_blocks: bool = False) -> list[float]:
+def losses_of_steps(steps: int, compile: bool = False, fused_loss: bool = False, compile_blocks: bool = False,
+                    compile_mode: str = "default") -> list[float]:
     """The first losses of a small model trained on one batch, from the same weights every time."""
     torch.manual_seed(0)
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
     x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
     torch.manual_seed(1)
-    stepper = make_stepper(GPT(config), compile=compile, compile_blocks=compile_blocks)
+    stepper = make_stepper(GPT(config), compile=compile, compile_blocks=compile_blocks, compile_mode=compile_mode)
     stepper.fused_loss = fused_loss
     return [stepper.update(1e-3, stepper.forward_backward([(x, y)]))[0].item() for _ in range(steps)]
 
@@ -81,3 +82,12 @@ def test_the_fused_loss_trains_as_the_plain_one(compile):
 
 def test_compiling_the_blocks_alone_gives_the_same_loss():
     assert losses_of_steps(3, compile=True, compile_blocks=True) == pytest.approx(losses_of_steps(3), rel=1e-5)
+
+
+def test_a_compile_mode_is_handed_to_torch_compile_and_trains_the_same(monkeypatch):
+    modes = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: modes.append(options.get("mode")) or real(model, **options))
+    # On a CPU reduce-overhead compiles as the default mode does (CUDA graphs are for GPUs).
+    assert losses_of_steps(3, compile=True, compile_mode="reduce-overhead") == pytest.approx(losses_of_steps(3), rel=1e-5)
+    assert modes == ["reduce-overhead"]

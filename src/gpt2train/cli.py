@@ -82,7 +82,9 @@ def _add_typed_flag(group, name: str, type_: type, default, help: str, choices: 
 
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    # SUPPRESS: given before the command or after it, a subcommand's parser does not reset it.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks for errors; with train, also where the start-up's seconds went")
 
     parser = Parser(
         prog="gpt2train",
@@ -213,7 +215,8 @@ def cmd_train(args) -> int:
     from .training.loop import train
     from .training.outcome import Outcome
 
-    result = train(resolve_config(args.config, {name: getattr(args, name) for name in field_types()}))
+    config = resolve_config(args.config, {name: getattr(args, name) for name in field_types()})
+    result = train(config, debug=getattr(args, "debug", False))
     if result.status == Outcome.INTERRUPTED:
         return 128 + result.signal_number
     return {Outcome.MAX_STEPS: EXIT_TARGET_NOT_REACHED, Outcome.DIVERGED: EXIT_DIVERGED}.get(result.status, 0)
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, torch.OutOfMemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and not _out_of_memory(e):
             raise  # a bug: the traceback is what to report
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         if not isinstance(e, UserError):
             e = "out of memory: lower --batch-size or --seq-len, or use a smaller model"

@@ -17,7 +17,7 @@ from .errors import UserError
 from .final_model import FILE_NAMES
 from .hf import read_hf_config
 from .model import GPTConfig
-from .runtime import DTYPES
+from .runtime import COMPILE_MODES, DTYPES
 from .tokenizer import GPT2_VOCAB_SIZE
 
 if sys.version_info >= (3, 11):
@@ -66,6 +66,9 @@ class TrainConfig:
     compile: bool | None = _opt(None, "torch.compile the model for training (default: on CUDA GPUs only)", RUN)
     deterministic: bool = _opt(False, "deterministic kernels only: two runs with the same seed on the same machine "
                                "and software give the same losses and weights, at some cost in speed", RUN)
+    compile_mode: str = _opt("default", "torch.compile's mode: default; reduce-overhead (each compiled graph replayed "
+                             "as a CUDA graph, fewer kernel launches); max-autotune or max-autotune-no-cudagraphs "
+                             "(kernels tuned at compile time, minutes more of it)", RUN, COMPILE_MODES)
     compile_blocks: bool = _opt(False, "with compile, compile each transformer block on its own (all share one "
                                 "compiled graph) instead of the whole model, to compile in less time; the "
                                 "embeddings and the output layer run uncompiled", RUN)

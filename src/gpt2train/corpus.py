@@ -1,13 +1,24 @@
-"""The corpus a run reads: a prepared directory's splits, or the built-in corpus tokenized in memory."""
+"""The corpus a run reads: a prepared directory's splits, or the built-in corpus, tokenized once and then
+read from the token cache."""
 
 from __future__ import annotations
 
+import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import SPLITS, TokenSource, read_manifest, read_split
+import numpy as np
+
+from .data import SPLITS, TOKEN_DTYPE, TokenSource, read_manifest, read_split
+from .errors import UserError
+from .files import atomic_write
 from .prepare import DEFAULT_VAL_FRACTION, MemorySink, default_workers, tokenize
+from .runtime import cache_dir
 from .sources import BUILTIN_NAME, builtin_source
+from .tokenizer import TOKENIZER_ID
+
+TOKEN_CACHE_VERSION = 1  # of how the built-in corpus is split and tokenized: a change makes new cache files
 
 
 @dataclass
@@ -28,8 +39,53 @@ def load_corpus(data_dir: str = "") -> Corpus:
 
 
 def tokenize_builtin() -> Corpus:
-    """The built-in corpus, split and tokenized in memory: what training uses when given no --data."""
-    sinks = {split: MemorySink() for split in SPLITS}
-    tokenized = tokenize([builtin_source()], sinks, DEFAULT_VAL_FRACTION, default_workers())
-    train, val = (TokenSource([sinks[split].array()]) for split in SPLITS)
-    return Corpus(train, val, BUILTIN_NAME, tokenized.text_sha256)
+    """The built-in corpus, split and tokenized: what training uses when given no --data.
+
+    Tokenized once, then read from the token cache (`cache_dir()/tokens`) by every later run: the
+    cache file is named by a hash of the corpus text, the tokenizer and this way of splitting it, so
+    another Python's corpus or another tokenizer gets a file of its own; it is written atomically,
+    and a file whose checksum does not match is tokenized again and replaced.
+    """
+    source = builtin_source()
+    key = hashlib.sha256(f"{TOKEN_CACHE_VERSION}|{TOKENIZER_ID}|{DEFAULT_VAL_FRACTION}|".encode())
+    for fragment in source.read():
+        key.update(fragment.text.encode("utf-8", "surrogatepass") + b"\0")
+    path = cache_dir() / "tokens" / f"builtin-{key.hexdigest()[:32]}.npz"
+    cached = _read_cached(path)
+    if cached is not None:
+        train, val, text_sha256 = cached
+    else:
+        sinks = {split: MemorySink() for split in SPLITS}
+        text_sha256 = tokenize([source], sinks, DEFAULT_VAL_FRACTION, default_workers()).text_sha256
+        train, val = (sinks[split].array() for split in SPLITS)
+        _write_cached(path, train, val, text_sha256)
+    return Corpus(TokenSource([train]), TokenSource([val]), BUILTIN_NAME, text_sha256)
+
+
+def _checksum(train: np.ndarray, val: np.ndarray, text_sha256: str) -> str:
+    digest = hashlib.sha256(text_sha256.encode())
+    for ids in (train, val):
+        digest.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+    return digest.hexdigest()
+
+
+def _read_cached(path: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """A token cache file's splits and text hash, if the file is there and intact."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            train, val, text_sha256, checksum = f["train"], f["val"], str(f["text_sha256"]), str(f["checksum"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, cut short or damaged
+        return None
+    if train.dtype != TOKEN_DTYPE or val.dtype != TOKEN_DTYPE or checksum != _checksum(train, val, text_sha256):
+        return None
+    return train, val, text_sha256
+
+
+def _write_cached(path: Path, train: np.ndarray, val: np.ndarray, text_sha256: str) -> None:
+    """Keep the tokens for the next run, if the cache can be written; a run never fails for want of it."""
+    arrays = {"train": train, "val": val, "text_sha256": np.array(text_sha256),
+              "checksum": np.array(_checksum(train, val, text_sha256))}
+    try:
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    except (UserError, OSError):
+        pass

@@ -20,6 +20,7 @@ from .files import atomic_write, load_weights_only
 from .hf import read_hf_model
 from .model import GPT, TIED_WEIGHTS, GPTConfig
 from .optional import require_safetensors
+from .runtime import skip_init
 from .tokenizer import TOKENIZER_NAME
 
 FINAL_MODEL_FORMAT = "gpt2train-final-model"
@@ -165,7 +166,8 @@ def load_model(path: str | Path = "saved_models/final_model.pt", device: str | t
 
 
 def _build(path, config: GPTConfig, state: dict, device) -> GPT:
-    model = GPT(config)
+    with skip_init():  # the weights are the file's: nothing to initialise first
+        model = GPT(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -178,7 +178,17 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """The input embedding and the output layer are one matrix."""
+        self.transformer.wte.weight = self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation, of every parameter. Also what makes a model built on the meta device
+        and then given memory (`to_empty`) a model: each weight is drawn once, where it lives."""
+        self.tie_weights()
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -192,6 +202,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def shard_units(self) -> list[nn.Module]:
         """The modules worth distributing one at a time (the transformer blocks)."""

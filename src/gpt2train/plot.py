@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from .config import load_toml
@@ -13,14 +14,31 @@ from .optional import require
 PLOT_FILE = "loss.png"
 
 
+def warm_up() -> None:
+    """Import matplotlib on a thread of its own, if it is installed, so that the plot at the end of a
+    run does not wait for the import (about a second)."""
+
+    def load() -> None:
+        try:
+            _pyplot()
+        except UserError:  # not installed: the end of the run says so
+            pass
+
+    threading.Thread(target=load, daemon=True, name="gpt2train-plot-import").start()
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "drawing loss.png", "plot", needs="matplotlib")
+    matplotlib.use("Agg")  # files only: no display needed
+    return require("matplotlib.pyplot", "drawing loss.png", "plot", needs="matplotlib")
+
+
 def plot_run(run_dir: str | Path) -> Path:
     """Draw run_dir/loss.png from its metrics.jsonl and config.toml; returns the path."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     config = load_toml(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
-    matplotlib = require("matplotlib", "drawing loss.png", "plot", needs="matplotlib")
-    matplotlib.use("Agg")  # files only: no display needed
-    plt = require("matplotlib.pyplot", "drawing loss.png", "plot", needs="matplotlib")
+    plt = _pyplot()
 
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]

@@ -10,13 +10,27 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CACHE_ENV = "GPT2TRAIN_CACHE"
+# torch.compile's modes (`--compile-mode`): reduce-overhead replays each compiled graph as a CUDA graph.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def cache_dir() -> Path:
+    """Where gpt2train keeps what it can always make again (the built-in corpus's tokens, torch.compile's
+    kernels): $GPT2TRAIN_CACHE, else $XDG_CACHE_HOME/gpt2train, else ~/.cache/gpt2train. Deleting it
+    loses nothing but time."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2train"
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -84,6 +98,22 @@ def _cpu_memory_available() -> int | None:
     return None
 
 
+class skip_init(TorchFunctionMode):
+    """While a model is built under it, its parameters get memory but no values: PyTorch's default
+    initialisation is skipped (the caller initialises, once, after). Unlike building on the meta
+    device, this costs nothing the first time (meta tensors take a second to warm up)."""
+
+    SKIPPED = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.zero_, torch.Tensor.fill_,
+               torch.nn.init.kaiming_uniform_, torch.nn.init.uniform_, torch.nn.init.normal_, torch.nn.init.zeros_,
+               torch.nn.init.ones_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass; weights and optimizer state stay fp32."""
     if dtype == torch.float32:
@@ -104,9 +134,12 @@ def use_compile(requested: bool | None, device: torch.device) -> bool:
 
 def configure_backends(device: torch.device, deterministic: bool = False) -> None:
     """Process settings that make training faster: TF32 for fp32 matrix products on GPUs that
-    have it; on a CPU, an allocator that keeps freed memory for the next step. With
+    have it; on a CPU, an allocator that keeps freed memory for the next step; torch.compile's
+    caches kept in cache_dir()/inductor (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so that
+    they outlive a reboot and a second run reuses the first one's compiled code. With
     `deterministic`, also the settings that make a run repeat itself exactly (make_deterministic);
     call it before the first matrix product of the process."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     if deterministic:
         make_deterministic()
     if device.type == "cuda":
@@ -201,6 +234,26 @@ def _cpu_busy_seconds(cores: list[int]) -> float | None:
             values = [int(v) for v in fields]
             ticks += sum(values[:8]) - values[3] - values[4]  # all but idle and iowait (guest is counted in user)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), or None: the interpreter's start-up and imports
+    included, which no timer started in Python sees."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, in clock ticks since boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - started / os.sysconf("SC_CLK_TCK")
+
+
+def start_device(device: torch.device) -> None:
+    """Create the device's context now, with a first allocation (on CUDA: a second or more), so that
+    its cost shows on its own rather than inside the first step."""
+    if device.type == "cuda":
+        torch.empty(1, device=device)
 
 
 def keep_freed_memory_mapped() -> None:

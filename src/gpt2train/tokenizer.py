@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 
 import tiktoken
@@ -18,6 +19,10 @@ _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++
 # SHA-256 of OpenAI's published GPT-2 files: refuse anything else.
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+# What the tokens of a text depend on: the BPE files, the pattern, the special token and tiktoken.
+TOKENIZER_ID = hashlib.sha256(
+    f"{_VOCAB_BPE_SHA256}|{_ENCODER_JSON_SHA256}|{_GPT2_PATTERN}|{EOT_TOKEN}={EOT_ID}|tiktoken {tiktoken.__version__}".encode()
+).hexdigest()
 
 
 def bpe_files() -> tuple[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,27 @@ class Ended:
     failure: str | None = None  # the final model could not be written: what happened, and how to get it
 
 
+class Background:
+    """A write run on a thread of its own; `result()` waits for it: (its return value, or None and why
+    it failed)."""
+
+    def __init__(self, write: Callable[[], Path]):
+        self._value: Path | None = None
+        self._error: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(write,), name="gpt2train-writer")
+        self._thread.start()
+
+    def _run(self, write: Callable[[], Path]) -> None:
+        try:
+            self._value = write()
+        except Exception as e:  # noqa: BLE001 - reported by the caller, in one line
+            self._error = _reason(e)
+
+    def result(self) -> tuple[Path | None, str | None]:
+        self._thread.join()
+        return self._value, self._error
+
+
 def _reason(error: Exception) -> str:
     """Why a write failed, in one line. Any exception counts: a writer may fail in any way (torch's
     zip writer reports some failed writes as RuntimeErrors)."""
@@ -47,8 +70,9 @@ class Ending:
         """Write what `outcome` calls for after `step` and say so. `position` is where the data stood
         after `step`, when it has already moved on (a step queued after it was dropped)."""
         s, config = self.setup, self.setup.config
+        writing = None
         if outcome == Outcome.TARGET_REACHED:
-            ended = self._reached_target(step, best, position)
+            ended, writing = self._reached_target(step, best, position)
         elif outcome == Outcome.DIVERGED:
             ended = Ended(checkpoint=latest_checkpoint(config.run_dir))
             self.log(diverged_line(step, s.monitor.bad_in_a_row, ended.checkpoint))
@@ -58,39 +82,43 @@ class Ending:
         else:
             ended = Ended(checkpoint=s.checkpointer.save(step, Outcome.MAX_STEPS))
             self.log(out_of_steps_line(config, best, ended.checkpoint))
-        self._close_records()
+        self._close_records()  # while the target's checkpoint is being written
+        if writing is not None:
+            ended.checkpoint, error = writing.result()  # the run ends once the checkpoint is complete
+            if error is not None:
+                self.log(target_checkpoint_lost(step, error, latest_checkpoint(config.run_dir)))
         return ended
 
-    def _reached_target(self, step: int, best: float, position: dict | None) -> Ended:
+    def _reached_target(self, step: int, best: float, position: dict | None) -> tuple[Ended, Background | None]:
         """The final model, then the checkpoint of the target step (which lets --resume train further
-        with a lower target). Whatever fails, the weights end up on disk in one of them if they can be
-        written at all, before anything else runs; a failed final model is `Ended.failure`."""
+        with a lower target): in the background once the final model is safe, else at once, so that
+        whatever fails the weights reach the disk in one of them, if they can at all, before anything
+        else runs. A failed final model is `Ended.failure`; the checkpoint still being written is the
+        Background returned."""
         s, config = self.setup, self.setup.config
         self.log(f"Target loss achieved! Best loss: {best:.6f}")
         contents = s.state.collect(position)  # a collective; from here on rank 0 alone writes
         final_path = final_model_path(config.out_dir, config.format)
-        ended = Ended()
+        ended, writing = Ended(), None
         if s.world.is_main:
-            final_error = checkpoint_error = None
+            final_error = None
             try:
                 save_final_model(s.model, final_path, step=step, best_loss=best, state=contents["model"],
                                  run={"id": s.start.run_id, "dir": str(Path(config.run_dir).resolve())})
+            except Exception as e:  # noqa: BLE001 - whatever failed, the weights go to the checkpoint next
+                final_error = _reason(e)
+            writing = Background(lambda: s.checkpointer.write(step, contents, Outcome.TARGET_REACHED))
+            if final_error is None:
                 ended.final_model = final_path
                 for line in target_lines(best, final_path):
                     self.log(line)
-            except Exception as e:  # noqa: BLE001 - whatever failed, the weights go to the checkpoint next
-                final_error = _reason(e)
-            try:
-                ended.checkpoint = s.checkpointer.write(step, contents, Outcome.TARGET_REACHED)
-            except Exception as e:  # noqa: BLE001
-                checkpoint_error = _reason(e)
-            if final_error is not None:
+            else:
+                ended.checkpoint, checkpoint_error = writing.result()
                 ended.failure = final_model_lost(final_path, final_error, step, ended.checkpoint, checkpoint_error,
                                                  config)
-            elif checkpoint_error is not None:
-                self.log(target_checkpoint_lost(step, checkpoint_error, latest_checkpoint(config.run_dir)))
+                writing = None
         distributed.barrier(s.world)
-        return ended
+        return ended, writing
 
     def _close_records(self) -> None:
         """Finish metrics.jsonl and draw loss.png."""

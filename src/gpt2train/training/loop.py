@@ -13,12 +13,13 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..evaluate import EvalResult, evaluate
 from ..metrics import RunRecorder
+from .. import plot
 from ..model import GPT
 from . import distributed
 from .distributed import world_from_env
 from .finish import Ending
 from .outcome import Outcome
-from .report import Log, StepClock, estimate_line, opening_lines, step_line, val_line
+from .report import Log, StepClock, estimate_line, opening_lines, startup_line, step_line, val_line
 from .setup import build_run
 from .signals import StopRequests
 from .step import Batches, Flags, PendingStep, Pipeline, StepResult
@@ -49,7 +50,7 @@ class TrainResult:
         return self.status == Outcome.TARGET_REACHED
 
 
-def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
+def train(config: TrainConfig, log: Log = print_flush, debug: bool = False) -> TrainResult:
     """Train until the training loss first drops below config.target_loss, or max_steps pass.
 
     At the target, the fp16 final model is written to config.out_dir. Checkpoints, config.toml,
@@ -57,10 +58,11 @@ def train(config: TrainConfig, log: Log = print_flush) -> TrainResult:
     checkpoint's config, with the settings given explicitly on top). Under torchrun every process
     calls this; rank 0 alone prints and writes files. A final model that could not be written (a
     full disk) raises UserError once the weights are safe elsewhere, saying where and what to do.
+    `debug` also prints where the start-up's seconds went.
     """
     world = world_from_env()
     try:
-        result = Trainer(config, log, world).run()
+        result = Trainer(config, log, world, debug).run()
         # torchrun ends the other ranks as soon as one exits with a failure status, as a run that
         # stops short of its target does: no rank leaves before rank 0 has written everything.
         distributed.barrier(world)
@@ -86,11 +88,12 @@ class Seen:
 class Trainer:
     """One training run: set up (new or resumed) on construction, then `run()` to its end."""
 
-    def __init__(self, config: TrainConfig, log: Log = print_flush, world=None):
+    def __init__(self, config: TrainConfig, log: Log = print_flush, world=None, debug: bool = False):
         self.world = world = world or world_from_env()
         self._out = log
         self.log = self._say if world.is_main else quiet  # rank 0 alone speaks
         self.stop = StopRequests()
+        self.debug = debug
         self.setup = s = build_run(config, world)
         self.config = config = s.config
         self.lag = 1 if s.device.type == "cuda" else 0  # a GPU's host reads each step while the next one runs
@@ -98,7 +101,7 @@ class Trainer:
         self.losses: list[float] = []
         self.clock = StepClock(s.step + 1)
         try:
-            for line in opening_lines(s):
+            for line in opening_lines(s) + ([startup_line(s.timings)] if debug else []):
                 self.log(line)
             self.recorder = RunRecorder(config, resumed_step=s.step) if world.is_main else None
         except BaseException:
@@ -128,16 +131,18 @@ class Trainer:
         self.log(s.checkpointer.describe())
         self.clock.start()
         s.checkpointer.start()
-        with self.stop, self.clock.watch(self._say_estimate), contextlib.closing(self):
-            for step in range(self.step + 1, self.config.max_steps + 1):
-                position = s.state.position() if self.lag else None  # to go back to, should this step be dropped
-                flags = Flags(stop=self.stop.signal_number is not None, checkpoint=s.checkpointer.should_save(step))
-                done = pipeline.push(step, self._batches(), s.schedule.lr(step), flags, position)
-                if done is not None and (outcome := self._read(done)) is not None:
-                    return self._end(outcome, done)
-            done = pipeline.flush()  # lag 1: the last step, read once the loop is over
-            outcome = self._read(done) if done is not None else None
-            return self._end(outcome or Outcome.MAX_STEPS, done)
+        with self.stop, contextlib.closing(self):
+            with self.clock.watch(self._say_estimate):  # says early what slow first steps will cost
+                for step in range(self.step + 1, self.config.max_steps + 1):
+                    position = s.state.position() if self.lag else None  # to go back to, should this step be dropped
+                    flags = Flags(stop=self.stop.signal_number is not None, checkpoint=s.checkpointer.should_save(step))
+                    done = pipeline.push(step, self._batches(), s.schedule.lr(step), flags, position)
+                    if done is not None and (outcome := self._read(done)) is not None:
+                        break
+                else:
+                    done = pipeline.flush()  # lag 1: the last step, read once the loop is over
+                    outcome = (self._read(done) if done is not None else None) or Outcome.MAX_STEPS
+            return self._end(outcome, done)
 
     def _batches(self) -> Batches:
         s = self.setup
@@ -184,6 +189,11 @@ class Trainer:
             self.recorder.record(step, loss=result.loss, best_loss=best, lr=self.setup.schedule.lr(step),
                                  grad_norm=result.grad_norm, step_time=seen.seconds,
                                  tokens_per_s=self.config.tokens_per_step * self.world.size / seen.seconds, **measured)
+        if step == self.clock.first_step:
+            if self.recorder is not None:
+                plot.warm_up()  # for the plot at the end; the first step has started everything heavy
+            if self.debug:
+                self.log(f"first step: {seen.seconds:.1f} s (compilation included, when on)")
         per_step = self.clock.step_done(step, seen.seconds)
         if per_step is not None and step < self.config.max_steps:
             self._say_estimate(per_step, step)

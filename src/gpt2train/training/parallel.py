@@ -12,11 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
 from ..model import GPT, TIED_WEIGHTS
@@ -30,9 +25,9 @@ class Parallelized:
 
 
 def parallelize(model: GPT, device: torch.device, dtype: torch.dtype, world: World = World(), fsdp: bool = False,
-                compile: bool = False, compile_blocks: bool = False) -> Parallelized:
-    """Shard (FSDP2) or replicate (DDP) the model over the ranks, and compile it: as a whole, or
-    with `compile_blocks` each shard unit (transformer block) on its own, in place.
+                compile: bool = False, compile_blocks: bool = False, compile_mode: str = "default") -> Parallelized:
+    """Shard (FSDP2) or replicate (DDP) the model over the ranks, and compile it (in `compile_mode`): as
+    a whole, or with `compile_blocks` each shard unit (transformer block) on its own, in place.
 
     Build the optimizer after this: under FSDP it must hold the shards. On one process the model
     is only compiled, if asked.
@@ -41,56 +36,99 @@ def parallelize(model: GPT, device: torch.device, dtype: torch.dtype, world: Wor
         # The blocks are alike, so they share one compiled graph: compiled once, not twelve times
         # over in one whole-model graph. Before sharding, as FSDP2 expects compiled units.
         for unit in model.shard_units():
-            unit.compile()
+            unit.compile(mode=compile_mode)
         compile = False
     sharded = fsdp and world.distributed
     if sharded:
+        from torch.distributed.fsdp import fully_shard  # imported only when used: it takes a second
+
         if dtype == torch.float16:
             raise UserError("--fsdp trains in bf16 or fp32, not fp16: use --dtype bfloat16")
         for unit in model.shard_units():  # each unit's weights are gathered only while it runs
             fully_shard(unit)
         fully_shard(model)
-    forward = torch.compile(model) if compile else model  # shares the model's parameters
+    forward = torch.compile(model, mode=compile_mode) if compile else model  # shares the model's parameters
     if world.distributed and not sharded:
+        from torch.nn.parallel import DistributedDataParallel
+
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     return Parallelized(forward, sharded)
 
 
-# Full state dicts: gathered from the shards under FSDP, on the CPU, with no wrapper prefixes.
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 class FullModelState:
-    """The model's weights as one full fp32 state dict, the same on one process or many, the tied weight
-    kept as one tensor so that it is saved once. Saving is a collective under FSDP (every rank calls it;
-    only rank 0 gets the contents)."""
+    """The model's weights as one full fp32 state dict on the CPU, the same on one process or many, with
+    no wrapper prefixes and the tied weight kept as one tensor (saved once). With `sharded` (FSDP2) the
+    shards are gathered: then saving is a collective, and only rank 0 gets the contents."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, sharded: bool = False):
+        self.model, self.sharded = model, sharded
 
     def state_dict(self) -> dict:
-        state = get_model_state_dict(self.model, options=FULL)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=_full_options(cpu_offload=True))
+        else:
+            state = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
         for tied, source in TIED_WEIGHTS.items():
             if tied in state:
                 state[tied] = state[source]
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=_full_options())
+        else:
+            self.model.load_state_dict(state)
 
 
 class FullOptimizerState:
-    """The optimizer's state keyed by parameter name (not by position), full as FullModelState is.
+    """The optimizer's state keyed by parameter name, not by position (torch.distributed.checkpoint's
+    full layout, whichever way the run was spread, so that a checkpoint resumes with or without FSDP).
     Loading keeps this run's own learning rate and weight decay."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool = False):
+        self.model, self.optimizer, self.sharded = model, optimizer, sharded
 
     def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.model, self.optimizer, options=_full_options(cpu_offload=True))
+        names, params = self._names()
+        saved = self.optimizer.state_dict()  # keyed by position in the parameter groups
+        state = {names[id(params[i])]: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                                         for k, v in moments.items()} for i, moments in saved["state"].items()}
+        groups = [{**group, "params": [names[id(params[i])] for i in group["params"]]}
+                  for group in saved["param_groups"]]
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state: dict) -> None:
         weight_decay = [group["weight_decay"] for group in self.optimizer.param_groups]
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state, options=_full_options())
+        else:
+            names, params = self._names()
+            index = {names[id(p)]: i for i, p in enumerate(params)}
+            self.optimizer.load_state_dict({
+                "state": {index[name]: moments for name, moments in state["state"].items()},
+                "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                 for group in state["param_groups"]],
+            })
         for group, decay in zip(self.optimizer.param_groups, weight_decay):
             group["weight_decay"] = decay
+
+    def _names(self) -> tuple[dict[int, str], list[torch.Tensor]]:
+        """Each parameter's name (the first, for the tied one), and the parameters in optimizer order."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return names, [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def _full_options(cpu_offload: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)

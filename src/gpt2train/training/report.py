@@ -67,6 +67,13 @@ def opening_lines(setup: Setup) -> list[str]:
     return lines
 
 
+def startup_line(timings: dict[str, float | None]) -> str:
+    """Where the seconds before the header went (with --debug)."""
+    known = [seconds for seconds in timings.values() if seconds is not None]
+    parts = " | ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items() if seconds is not None)
+    return f"start-up: {sum(known):.2f} s to the header: {parts}"
+
+
 def estimate_line(config: TrainConfig, device: torch.device, per_step: float, step: int, kind: str = "measured") -> str:
     """The time to max steps as printed; `kind`: measured, early (from the few steps done, a measured
     one follows) or lower bound (the first step is still running)."""

@@ -3,6 +3,7 @@ step, the learning-rate schedule, and the run's state, restored from its checkpo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,8 @@ from ..errors import UserError
 from ..hf import read_hf_model
 from ..model import GPT
 from ..runtime import (
-    check_fits, configure_backends, fit_threads_to_free_cores, resolve_device, resolve_dtype, seed_everything,
+    check_fits, configure_backends, fit_threads_to_free_cores, process_age, resolve_device, resolve_dtype,
+    seed_everything, skip_init, start_device,
 )
 from . import distributed
 from .distributed import World
@@ -48,17 +50,35 @@ class Setup:
     step: int  # the last step done: 0 for a new run, the checkpoint's for a resumed one
     lock: RunLock | None  # on rank 0, the run directory's: release it when the run ends
     notes: list[str]  # for the header: what the set-up chose that a user should know
+    timings: dict[str, float | None]  # seconds each part of the start-up took, in order
+
+
+def build_model(config: TrainConfig, device: torch.device, new: bool) -> GPT:
+    """The model, built on its device and initialised there, once: GPT-2's init for a new run, the
+    Hugging Face weights with --init-from; a resumed run's weights come from its checkpoint."""
+    with torch.device(device), skip_init():  # no default init to draw and throw away
+        model = GPT(config.model)
+    if new and config.init_from:
+        model.load_state_dict(read_hf_model(config.init_from)[1])
+    elif new:
+        model.init_weights()
+    return model
 
 
 def build_run(config: TrainConfig, world: World = World()) -> Setup:
     """Set up `config`'s run, new or resumed; refused, before anything on disk changes, if it must be."""
+    timings = {"process start-up and imports": process_age()}
+    lap = Laps(timings)
     start = start_run(config, world)
     config = start.config
+    lap("decided how the run starts")
     device = distributed.join(world, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     check_fits(config, device)
     configure_backends(device, deterministic=config.deterministic)
     notes = [note] if device.type == "cpu" and (note := fit_threads_to_free_cores()) else []
+    start_device(device)
+    lap("device")
     seed_everything(config.seed)  # the same on every rank: the same initial weights and dropout
 
     corpus = load_corpus(config.data)
@@ -70,18 +90,17 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
                                         rank=world.rank, world_size=world.size)
     if device.type == "cuda":
         sampler = Prefetcher(sampler)
+    lap("data")
 
-    with torch.device(device):  # initialised where it trains: no host-side init and copy
-        model = GPT(config.model)
-    if config.init_from and start.saved is None:  # a resumed run takes its weights from the checkpoint
-        model.load_state_dict(read_hf_model(config.init_from)[1])
+    model = build_model(config, device, start.saved is None)
+    lap("model")
     stepper = build_stepper(model, config, device, dtype, world)
     schedule = WarmupCosine(config.lr, config.min_lr, config.warmup_steps, config.max_steps)
 
     monitor = LossMonitor()
     state = RunState(world)
-    state.register("model", FullModelState(model))
-    state.register("optimizer", FullOptimizerState(model, stepper.optimizer))
+    state.register("model", FullModelState(model, stepper.sharded))
+    state.register("optimizer", FullOptimizerState(model, stepper.optimizer, stepper.sharded))
     state.register("scaler", stepper.scaler)
     state.register("monitor", monitor)
     state.register("sampler", sampler, per_rank=True)
@@ -90,5 +109,17 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
     checkpointer = Checkpointer(config, state, start.run_id, data, world)
     step = checkpointer.restore(start.saved, start.checkpoint) if start.saved is not None else 0
     lock = claim_run_dir(start, world)  # the first change on disk: every refusal came before
+    lap("step, state and run directory")
     return Setup(config, world, start, device, dtype, corpus, len(tokens), sampler, model, stepper, schedule,
-                 monitor, state, checkpointer, step, lock, notes)
+                 monitor, state, checkpointer, step, lock, notes, timings)
+
+
+class Laps:
+    """Seconds between calls, under each call's name."""
+
+    def __init__(self, timings: dict):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name], self.last = now - self.last, now

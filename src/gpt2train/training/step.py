@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from ..config import TrainConfig
 from ..model import GPT
@@ -105,12 +104,13 @@ class Stepper:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype,
                  grad_clip: float, forward: nn.Module | None = None, world: World = World(), sharded: bool = False,
-                 fused_loss: bool = False):
+                 fused_loss: bool = False, graphs: bool = False):
         self.model, self.optimizer = model, optimizer
         self.forward = forward if forward is not None else model
         self.device, self.dtype, self.world, self.sharded = device, dtype, world, sharded
         self.grad_clip = grad_clip
         self.fused_loss = fused_loss  # the loss without the batch's logits (GPT.forward's return_logits=False)
+        self.graphs = graphs  # the compiled forward and backward run as CUDA graphs (compile mode reduce-overhead)
         self.scaler = Scaler(device, dtype)
 
     def forward_backward(self, batches: Batches) -> torch.Tensor:
@@ -119,6 +119,8 @@ class Stepper:
         Gradients are reduced over the ranks once, after the last micro-batch.
         """
         total = torch.zeros((), device=self.device)
+        if self.graphs:  # a new step: the graphs' outputs of the last one are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         for i, (x, y) in enumerate(batches):
             with self._gradient_sync(i == len(batches) - 1), autocast(self.device, self.dtype):
                 _, loss = self.forward(x, y, return_logits=not self.fused_loss)
@@ -145,7 +147,7 @@ class Stepper:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, grad_norm)
-        if isinstance(grad_norm, DTensor):
+        if self.sharded:  # a DTensor: this rank's part of the norm
             grad_norm = grad_norm.full_tensor()
         applied = torch.isfinite(loss) & torch.isfinite(grad_norm)
         if self.sharded:
@@ -214,11 +216,12 @@ def build_stepper(model: GPT, config: TrainConfig, device: torch.device, dtype: 
                   world: World = World()) -> Stepper:
     """The training step for `model`: parallelized and compiled from outside, then the optimizer over
     what each rank holds."""
-    parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=use_compile(config.compile, device),
-                           compile_blocks=config.compile_blocks)
+    compile = use_compile(config.compile, device)
+    parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=compile,
+                           compile_blocks=config.compile_blocks, compile_mode=config.compile_mode)
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     return Stepper(model, optimizer, device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded,
-                   fused_loss=config.fused_loss)
+                   fused_loss=config.fused_loss, graphs=compile and config.compile_mode == "reduce-overhead")
 
 
 @contextlib.contextmanager
