@@ -15,7 +15,8 @@
 #   a. `gpt2train bench` at batch 8 x 1024 (--steps 30 --warmup 8), each variant a process of its own
 #      (bench-*.json): gpt2train, compiled (the standard compiled recipe), and gpt2train with each lever:
 #      --fused-loss (its peak memory against the 4.5 GB target), --compile-blocks (its compile and
-#      warm-up time beside the others'), --compile-mode reduce-overhead (CUDA graphs). GPU_SH_FULL=1 adds
+#      warm-up time beside the others'), --compile-mode reduce-overhead (CUDA graphs), and the step with
+#      --optimizer muon (gpt2train-muon, against the 1.15x target). GPU_SH_FULL=1 adds
 #      32 x 1024 (--steps 15 --warmup 5) for gpt2train and compiled, gpt2train-deterministic,
 #      --compile-mode max-autotune-no-cudagraphs and the eager variant at 8 x 1024.
 #   b. time to target: `gpt2train train` with all defaults in a fresh directory, cold (an empty
@@ -145,6 +146,7 @@ bench 8x1024 compiled "${BENCH_8[@]}"
 bench 8x1024 gpt2train+fused "${BENCH_8[@]}"
 bench 8x1024 gpt2train+blocks "${BENCH_8[@]}"
 bench 8x1024 gpt2train+graphs "${BENCH_8[@]}"
+bench 8x1024 gpt2train-muon "${BENCH_8[@]}"
 if [ "$FULL" = 1 ]; then
     bench 32x1024 gpt2train "${BENCH_32[@]}"
     bench 32x1024 compiled "${BENCH_32[@]}"
@@ -312,7 +314,7 @@ results = {}
 for size, variant in [("8x1024", "gpt2train"), ("8x1024", "compiled"), ("32x1024", "gpt2train"),
                       ("32x1024", "compiled"), ("8x1024", "gpt2train-deterministic"), ("8x1024", "gpt2train+fused"),
                       ("8x1024", "gpt2train+blocks"), ("8x1024", "gpt2train+graphs"), ("8x1024", "gpt2train+autotune"),
-                      ("8x1024", "eager")]:
+                      ("8x1024", "gpt2train-muon"), ("8x1024", "eager")]:
     if (log / f"bench-{size}-{variant}.rc").exists():
         results[size, variant] = bench(size, variant)
         if results[size, variant] is None:
@@ -349,6 +351,11 @@ for lever, flag in [("gpt2train+blocks", "--compile-blocks"), ("gpt2train+graphs
         base = f", {timed['ms_per_step'] / ours['ms_per_step']:.2f}x the default's time" if ours else ""
         row(f"step {timed['shape']}, gpt2train {flag}", f"{timed['ms_per_step']:.1f} ms{base}, peak "
             f"{timed['peak_memory_mb'] * 2**20 / 1e9:.2f} GB", "recorded")
+muon = results.get(("8x1024", "gpt2train-muon"))
+if muon and ours:
+    ratio = muon["ms_per_step"] / ours["ms_per_step"]
+    row(f"step {muon['shape']}, gpt2train --optimizer muon", f"{muon['ms_per_step']:.1f} ms, {ratio:.2f}x AdamW's",
+        "<= 1.15x", ratio <= 1.15)
 for name in ("gpt2train", "compiled", "gpt2train+blocks", "gpt2train+graphs", "gpt2train+autotune"):
     timed = results.get(("8x1024", name))
     if timed and "warmup_s" in timed:

@@ -29,6 +29,7 @@ SKIP = [
     (r"--init-from \./gpt2", "OpenAI's GPT-2 weights"),
     (r"--nproc_per_node=8|--nnodes|/shared/", "GPUs"),
     (r"^gpt2train bench$|--n-layer 4 --n-head 4", "minutes to hours per variant on a CPU"),
+    (r"--preset gpt2-fast", "GPT-2 124M, or a 4-layer model's run to its target: hours on a CPU"),
     (r"bench/gpu\.sh|pip download|pytest", "a GPU, the network, or the test suite (run by CI)"),
     (r"\.venv/bin/python bench/(train|startup|recipe)\.py", "a benchmark set: many minutes to hours on a CPU"),
 ]

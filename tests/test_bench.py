@@ -56,3 +56,9 @@ def test_compare_deterministic_times_the_deterministic_step_beside_the_default()
     assert [v["variant"] for v in variants] == ["gpt2train", "gpt2train-deterministic"]  # no compiled on a CPU
     assert all(v["ms_per_step"] > 0 for v in variants)
     assert variants[0]["loss"] == pytest.approx(variants[1]["loss"], rel=1e-5)
+
+
+def test_compare_muon_times_the_muon_step_beside_the_default():
+    report = bench_json("--steps", "1", "--warmup", "1", "--compare-muon")
+    assert [v["variant"] for v in report["variants"]] == ["gpt2train", "gpt2train-muon"]
+    assert all(v["ms_per_step"] > 0 for v in report["variants"])

@@ -92,6 +92,17 @@ def test_bf16_and_fp16_autocast_reach_the_target(tmp_path, small_corpus, dtype):
         assert "non-finite" not in result.stdout
 
 
+@pytest.mark.parametrize("lever", [["--preset", "gpt2-fast"], ["--compile-mode", "reduce-overhead"],
+                                   ["--compile-blocks"], ["--fused-loss"]])
+def test_each_lever_reaches_the_target_on_the_gpu(tmp_path, small_corpus, lever):
+    # gpt2-fast: Muon and the wsd schedule on the GPU (its shape flags override the preset's 124M);
+    # reduce-overhead: the compiled step replayed as CUDA graphs, with the one-step-late loss read.
+    result = run_cli(*train_args(tmp_path, small_corpus, *lever, "--warmup-steps", "5"),
+                     timeout=TIMEOUT)
+    assert_reached_target(result, tmp_path)
+    assert "non-finite" not in result.stdout
+
+
 def test_sigkill_after_a_checkpoint_then_resume_on_the_gpu(tmp_path, small_corpus):
     # Checkpoints every 5 steps slow the run down enough that the kill lands long before the target.
     args = ["train", *GPU_FLAGS, "--target-loss", "0.3", "--max-steps", "300", "--log-interval", "1",

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from gpt2train import GPT, GPTConfig
 from gpt2train.training.optim import build_optimizer
@@ -41,3 +42,63 @@ def test_weight_decay_only_on_matrices_and_embeddings():
     assert opt.defaults["betas"] == (0.9, 0.95)
     n_params = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_params == model.num_params()  # every parameter once, tied weight included once
+
+
+def fast_config(**overrides):
+    from gpt2train.config import resolve_config
+
+    return resolve_config(overrides=dict(preset="gpt2-fast", n_layer=2, n_head=2, n_embd=16, block_size=16,
+                                         seq_len=16, **overrides))
+
+
+def test_muon_takes_exactly_the_blocks_matrices_and_adamw_everything_else_once():
+    from gpt2train.training.optim import build_optimizers
+
+    config = fast_config()
+    model = GPT(config.model)
+    muon, adamw = build_optimizers(model, config)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    matrices = {id(p) for block in model.transformer.h for p in (block.attn.c_attn.weight, block.attn.c_proj.weight,
+                                                                  block.mlp.c_fc.weight, block.mlp.c_proj.weight)}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == matrices
+    adam_params = [p for g in adamw.param_groups for p in g["params"]]
+    assert any(p is model.transformer.wte.weight for p in adam_params)  # the tied embedding and output layer
+    assert not matrices & {id(p) for p in adam_params}
+    every = [id(p) for o in (muon, adamw) for g in o.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(config.muon_lr / config.lr)
+    assert muon.defaults["momentum"] == 0.95 and muon.defaults["nesterov"]
+    decayed, plain = adamw.param_groups
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+
+
+def test_the_seed_recipe_is_still_the_default():
+    from gpt2train.config import resolve_config
+    from gpt2train.training.optim import build_optimizers
+    from gpt2train.training.schedule import build_schedule
+
+    config = resolve_config(overrides=dict(n_layer=1, n_head=2, n_embd=16, block_size=16, seq_len=16))
+    [adamw] = build_optimizers(GPT(config.model), config)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 6e-4
+    assert build_schedule(config) == SEED  # warmup 2,000, cosine from 6e-4 to 6e-5 at 20,000
+
+
+def test_muon_and_adamw_together_lower_the_loss():
+    from gpt2train.training.optim import build_optimizers
+
+    torch.manual_seed(0)
+    config = fast_config()
+    model = GPT(config.model)
+    optimizers = build_optimizers(model, config)
+    x = torch.randint(0, 50257, (2, 16))
+    losses = []
+    for _ in range(5):
+        loss = model(x, x)[1]
+        loss.backward()
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * group.get("lr_scale", 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

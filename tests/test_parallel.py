@@ -1,5 +1,6 @@
 """Parallelism and compilation applied from outside the model, and full state dicts."""
 
+import pytest
 import torch
 
 from gpt2train import GPT, GPTConfig
@@ -26,33 +27,41 @@ def test_compiling_the_blocks_compiles_each_block_in_place():
     assert all(block._compiled_call_impl is not None for block in model.shard_units())
 
 
-def test_full_state_dicts_keep_the_tied_weight_as_one_tensor_and_load_back():
+def stepped(optimizer: str = "adamw"):
+    """A model and its optimizers after one step, from seed 0."""
+    from gpt2train.config import resolve_config
+    from gpt2train.training.optim import build_optimizers
+
     torch.manual_seed(0)
     model = GPT(CONFIG)
-    optimizer = build_optimizer(model, 1e-3, 0.1)
+    optimizers = build_optimizers(model, resolve_config(overrides={"optimizer": optimizer}))
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
-    optimizer.step()
-    weights, moments = FullModelState(model).state_dict(), FullOptimizerState(model, optimizer).state_dict()
+    for o in optimizers:
+        o.step()
+    return model, optimizers
+
+
+def test_full_state_dicts_keep_the_tied_weight_as_one_tensor_and_load_back():
+    model, optimizers = stepped()
+    weights, moments = FullModelState(model).state_dict(), FullOptimizerState(model, optimizers).state_dict()
     (tied, source), = TIED_WEIGHTS.items()
     assert weights[tied] is weights[source]
     other = GPT(CONFIG)
     other_optimizer = build_optimizer(other, 1e-3, 0.1)
     FullModelState(other).load_state_dict(weights)
-    FullOptimizerState(other, other_optimizer).load_state_dict(moments)
+    FullOptimizerState(other, [other_optimizer]).load_state_dict(moments)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
-    assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"],
+                       optimizers[0].state_dict()["state"][0]["exp_avg"])
 
 
-def test_one_process_saves_the_optimizer_in_the_layout_fsdp_runs_read():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_one_process_saves_the_optimizers_in_the_layout_fsdp_runs_read(optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    torch.manual_seed(0)
-    model = GPT(CONFIG)
-    optimizer = build_optimizer(model, 1e-3, 0.1)
-    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
-    optimizer.step()
-    ours = FullOptimizerState(model, optimizer).state_dict()
-    theirs = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model, optimizers = stepped(optimizer)
+    ours = FullOptimizerState(model, optimizers).state_dict()
+    theirs = get_optimizer_state_dict(model, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     assert ours["param_groups"] == theirs["param_groups"]
     assert ours["state"].keys() == theirs["state"].keys()
     assert all(torch.equal(ours["state"][name][k], theirs["state"][name][k])

@@ -152,3 +152,28 @@ def test_a_checkpoint_of_the_format_before_checksums_and_run_ids_resumes(tmp_pat
     resumed = quiet(tiny_config(tmp_path, small_corpus, max_steps=9, target_loss=0.0, resume="latest"))
     assert resumed.steps == 9
     assert torch.load(resumed.checkpoint_path, weights_only=True)["run_id"]  # it has an id from now on
+
+
+def test_a_muon_run_with_the_wsd_schedule_killed_and_resumed_is_bitwise_the_uninterrupted_one(tmp_path, small_corpus):
+    fast = ["--optimizer", "muon", "--schedule", "wsd", "--decay-at", "8", "--decay-fraction", "0.1",
+            "--warmup-steps", "5", "--target-loss", "1.0", "--checkpoint-interval", "30"]
+    args = [*run_args(tmp_path / "whole", small_corpus), *fast]
+    whole = run_cli(*args)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    expected = logged_losses(whole.stdout)
+    killed_args = [*run_args(tmp_path / "killed", small_corpus), *fast]
+    proc, seen = start_gpt2train(killed_args, r"checkpoint saved: .*step_00000030\.pt")
+    proc.send_signal(signal.SIGKILL)
+    seen += proc.stdout.readlines()
+    proc.wait()
+    saved = torch.load(tmp_path / "killed" / "run" / "checkpoints" / "step_00000030.pt", weights_only=True)
+    assert saved["schedule"]["decay_start"] is not None  # the decay had started: resume must keep it
+    assert "momentum_buffer" in next(iter(saved["optimizer"]["state"].values()))  # Muon's state is in it
+    resumed = run_cli("train", "--resume", tmp_path / "killed" / "run")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert {**logged_losses("".join(seen)), **logged_losses(resumed.stdout)} == expected
+    assert (final_model_without_run(tmp_path / "killed" / "out" / "final_model.pt")
+            == final_model_without_run(tmp_path / "whole" / "out" / "final_model.pt"))
+    with pytest.raises(UserError, match="cannot resume with optimizer='adamw': the checkpoint was trained with "
+                                        "optimizer='muon'"):
+        quiet(tiny_config(tmp_path / "killed", small_corpus, optimizer="adamw", target_loss=0.5, resume="latest"))

@@ -14,7 +14,7 @@ CPU = torch.device("cpu")
 
 def make_stepper(model, dtype=torch.float32, compile=False, compile_blocks=False, compile_mode="default"):
     parallel = parallelize(model, CPU, dtype, compile=compile, compile_blocks=compile_blocks, compile_mode=compile_mode)
-    return Stepper(model, build_optimizer(model, 1e-3, 0.1), CPU, dtype, 1.0, parallel.forward)
+    return Stepper(model, [build_optimizer(model, 1e-3, 0.1)], CPU, dtype, 1.0, parallel.forward)
 
 
 def first_losses(dtype):

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,6 +37,7 @@ VARIANTS = {
                  "TF32 on GPUs, the CPU allocator setting)",
     "gpt2train-deterministic": "gpt2train's training step with --deterministic: deterministic kernels only "
                                "(what reproducibility costs)",
+    "gpt2train-muon": "gpt2train's training step with --optimizer muon (what Muon costs per step)",
     "compiled": "the standard compiled recipe (nanoGPT's train.py): the model under torch.compile, fused AdamW, "
                 "autocast, clipping, TF32 on GPUs, loss.item() every 10th step",
     "eager": "plain eager PyTorch as written by hand: the same precision, default AdamW, loss.item() every step",
@@ -116,9 +118,11 @@ def run_variant(config: TrainConfig, variant: str, steps: int, warmup: int) -> V
     shape = (config.batch_size, config.seq_len)
     x = torch.randint(0, 50257, shape, device=device)
     y = torch.randint(0, 50257, shape, device=device)
-    if variant in ("gpt2train", "gpt2train-deterministic"):
+    if variant.startswith("gpt2train"):
         # Before the first matrix product: cuBLAS reads its deterministic workspace setting then.
         configure_backends(device, deterministic=config.deterministic or variant == "gpt2train-deterministic")
+        if variant == "gpt2train-muon":
+            config = dataclasses.replace(config, optimizer="muon")
         step = gpt2train_step(model, dtype, device, config, x, y)
     elif variant == "compiled":
         step = compiled_step(model, dtype, device, config, x, y)

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time plain eager PyTorch (fp32 and bf16 autocast on a CPU, the run's precision on a GPU)")
     b.add_argument("--compare-deterministic", action="store_true",
                    help="also time gpt2train's step with --deterministic (deterministic kernels only)")
+    b.add_argument("--compare-muon", action="store_true",
+                   help="also time gpt2train's step with --optimizer muon")
     b.add_argument("--generate", type=int, default=0, metavar="N",
                    help="instead, time decoding N tokens with and without the KV cache")
     b.add_argument("--variant", choices=list(VARIANTS), help="time only this variant, in this process")
@@ -358,6 +360,8 @@ def cmd_bench(args) -> int:
         variants = ["gpt2train"] + (["compiled"] if device.type == "cuda" else [])
         if args.compare_deterministic:
             variants.insert(1, "gpt2train-deterministic")
+        if args.compare_muon:
+            variants.insert(1, "gpt2train-muon")
         if args.compare_eager:
             variants += ["eager-fp32", "eager-bf16"] if device.type == "cpu" else ["eager"]
         with tempfile.TemporaryDirectory() as tmp:

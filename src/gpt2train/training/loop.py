@@ -156,6 +156,7 @@ class Trainer:
         self.step = step = done.step
         self.losses.append(result.loss)
         events = monitor.observe(step, result.loss, result.grad_norm, result.applied)
+        self.setup.schedule.observe(step, result.loss)
         val = self._evaluate() if config.eval_interval and step % config.eval_interval == 0 else None
         if config.target_metric == "val":
             reached = val is not None and val.loss < config.target_loss

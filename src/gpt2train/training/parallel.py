@@ -85,47 +85,54 @@ class FullModelState:
 
 
 class FullOptimizerState:
-    """The optimizer's state keyed by parameter name, not by position (torch.distributed.checkpoint's
-    full layout, whichever way the run was spread, so that a checkpoint resumes with or without FSDP).
-    Loading keeps this run's own learning rate and weight decay."""
+    """The optimizers' state keyed by parameter name, not by position (torch.distributed.checkpoint's
+    full layout, whichever way the run was spread, so that a checkpoint resumes with or without FSDP):
+    every optimizer's state under its parameters' names, and their groups one after another.
+    Loading keeps this run's own learning rates and weight decay."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool = False):
-        self.model, self.optimizer, self.sharded = model, optimizer, sharded
+    KEPT = ("weight_decay", "lr_scale")  # what the run's settings decide, not the checkpoint
+
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], sharded: bool = False):
+        self.model, self.optimizers, self.sharded = model, optimizers, sharded
 
     def state_dict(self) -> dict:
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            return get_optimizer_state_dict(self.model, self.optimizer, options=_full_options(cpu_offload=True))
-        names, params = self._names()
-        saved = self.optimizer.state_dict()  # keyed by position in the parameter groups
-        state = {names[id(params[i])]: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-                                         for k, v in moments.items()} for i, moments in saved["state"].items()}
-        groups = [{**group, "params": [names[id(params[i])] for i in group["params"]]}
-                  for group in saved["param_groups"]]
+            return get_optimizer_state_dict(self.model, self.optimizers, options=_full_options(cpu_offload=True))
+        names, state, groups = self._names(), {}, []
+        for optimizer in self.optimizers:
+            saved = optimizer.state_dict()  # keyed by position in this optimizer's groups
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            state.update({names[id(params[i])]: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                                                 for k, v in moments.items()} for i, moments in saved["state"].items()})
+            groups += [{**group, "params": [names[id(params[i])] for i in group["params"]]}
+                       for group in saved["param_groups"]]
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state: dict) -> None:
-        weight_decay = [group["weight_decay"] for group in self.optimizer.param_groups]
+        kept = [{key: group[key] for key in self.KEPT if key in group}
+                for optimizer in self.optimizers for group in optimizer.param_groups]
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.model, self.optimizer, state, options=_full_options())
+            set_optimizer_state_dict(self.model, self.optimizers, state, options=_full_options())
         else:
-            names, params = self._names()
-            index = {names[id(p)]: i for i, p in enumerate(params)}
-            self.optimizer.load_state_dict({
-                "state": {index[name]: moments for name, moments in state["state"].items()},
-                "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                                 for group in state["param_groups"]],
-            })
-        for group, decay in zip(self.optimizer.param_groups, weight_decay):
-            group["weight_decay"] = decay
+            names, saved_groups = self._names(), iter(state["param_groups"])
+            for optimizer in self.optimizers:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                index = {names[id(p)]: i for i, p in enumerate(params)}
+                groups = [next(saved_groups) for _ in optimizer.param_groups]
+                optimizer.load_state_dict({
+                    "state": {index[name]: moments for name, moments in state["state"].items() if name in index},
+                    "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in groups],
+                })
+        for group, settings in zip((g for o in self.optimizers for g in o.param_groups), kept):
+            group.update(settings)
 
-    def _names(self) -> tuple[dict[int, str], list[torch.Tensor]]:
-        """Each parameter's name (the first, for the tied one), and the parameters in optimizer order."""
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        return names, [p for group in self.optimizer.param_groups for p in group["params"]]
+    def _names(self) -> dict[int, str]:
+        """Each parameter's name (the first, for the tied one)."""
+        return {id(p): name for name, p in self.model.named_parameters()}
 
 
 def _full_options(cpu_offload: bool = False):

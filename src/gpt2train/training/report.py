@@ -55,6 +55,16 @@ def opening_lines(setup: Setup) -> list[str]:
         f"lr {config.lr:g} -> {config.min_lr:g}, warmup {config.warmup_steps:,}, max steps {config.max_steps:,} | "
         f"target loss {config.target_loss}{' (none: trains to max steps)' if config.target_loss == 0 else ''}",
     ]
+    if config.optimizer != "adamw" or config.schedule != "cosine":
+        recipe = f"optimizer: {config.optimizer}"
+        if config.optimizer == "muon":
+            recipe += f" (lr {config.muon_lr:g} on the blocks' matrices, AdamW at lr {config.lr:g} on the rest)"
+        recipe += f" | schedule: {config.schedule}"
+        if config.schedule == "wsd":
+            recipe += f", the decay over the last {config.decay_fraction:g} of max steps"
+            if config.decay_at:
+                recipe += f" or from the first loss below {config.decay_at:g} x the target"
+        lines.append(recipe)
     lines += s.notes
     if s.device.type == "cpu" and s.dtype == torch.float16:
         lines.append("warning: this CPU computes float16 in software, many times slower than float32: "

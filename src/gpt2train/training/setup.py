@@ -23,7 +23,7 @@ from .distributed import World
 from .monitor import LossMonitor
 from .parallel import FullModelState, FullOptimizerState
 from .prefetch import Prefetcher
-from .schedule import WarmupCosine
+from .schedule import WarmupCosine, WarmupStableDecay, build_schedule
 from .start import RunLock, Start, claim_run_dir, start_run
 from .state import Checkpointer, RandomState, RunState
 from .step import Stepper, build_stepper
@@ -43,7 +43,7 @@ class Setup:
     sampler: Sampler
     model: GPT
     stepper: Stepper
-    schedule: WarmupCosine
+    schedule: WarmupCosine | WarmupStableDecay
     monitor: LossMonitor
     state: RunState
     checkpointer: Checkpointer
@@ -95,12 +95,13 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
     model = build_model(config, device, start.saved is None)
     lap("model")
     stepper = build_stepper(model, config, device, dtype, world)
-    schedule = WarmupCosine(config.lr, config.min_lr, config.warmup_steps, config.max_steps)
+    schedule = build_schedule(config)
 
     monitor = LossMonitor()
     state = RunState(world)
     state.register("model", FullModelState(model, stepper.sharded))
-    state.register("optimizer", FullOptimizerState(model, stepper.optimizer, stepper.sharded))
+    state.register("optimizer", FullOptimizerState(model, stepper.optimizers, stepper.sharded))
+    state.register("schedule", schedule, optional=True)  # checkpoints from before schedules had state lack it
     state.register("scaler", stepper.scaler)
     state.register("monitor", monitor)
     state.register("sampler", sampler, per_rank=True)

@@ -28,7 +28,7 @@ from .outcome import Outcome
 # (max_steps, target_loss, log_interval, lr, ...) may be changed and is reported.
 RESUME_LOCKED_KEYS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
                       "data", "train_tokens", "sampling", "batch_size", "grad_accum", "seq_len", "seed",
-                      "init_from")
+                      "init_from", "optimizer")
 
 
 def resume_changes(saved: dict, config: TrainConfig) -> list[str]:
@@ -70,6 +70,9 @@ def start_run(config: TrainConfig, world: World = World()) -> Start:
     Every rank reads the checkpoint itself: the run directory must be where every node sees it.
     Only rank 0 writes files, so its run id is the run's.
     """
+    if config.fsdp and config.optimizer == "muon":
+        raise UserError("--optimizer muon does not run under --fsdp: Muon orthogonalises each whole matrix, and FSDP "
+                        "keeps only a shard of it on each rank; leave out --fsdp (DDP), or use --optimizer adamw")
     if config.fsdp and not world.distributed:
         raise UserError("--fsdp shards a model over the processes of a torchrun launch, and this is one process: "
                         "launch it with torchrun --nproc_per_node=N, or leave out --fsdp")

@@ -61,9 +61,13 @@ class RunState:
         self.world = world
         self.shared: dict[str, Stateful] = {}
         self.per_rank: dict[str, Stateful] = {}
+        self.optional: set[str] = set()
 
-    def register(self, name: str, part: Stateful, per_rank: bool = False) -> None:
+    def register(self, name: str, part: Stateful, per_rank: bool = False, optional: bool = False) -> None:
+        """Add a part; an `optional` one may be missing from a checkpoint (it keeps its state then)."""
         (self.per_rank if per_rank else self.shared)[name] = part
+        if optional:
+            self.optional.add(name)
 
     def position(self) -> dict:
         """This rank's own parts: where its data and random generators stand."""
@@ -86,7 +90,8 @@ class RunState:
         rank = self.world.rank
         position = others[rank - 1] if rank > 0 and len(others) == self.world.size - 1 else saved
         for name, part in self.shared.items():
-            part.load_state_dict(saved[name])
+            if name in saved or name not in self.optional:
+                part.load_state_dict(saved[name])
         for name, part in self.per_rank.items():  # last: building the model drew from the generators
             part.load_state_dict(position[name])
 

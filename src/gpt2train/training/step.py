@@ -21,7 +21,7 @@ from ..model import GPT
 from ..runtime import autocast, use_compile
 from . import distributed
 from .distributed import World
-from .optim import build_optimizer
+from .optim import build_optimizers
 from .parallel import parallelize
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # one (inputs, targets) per micro-step
@@ -102,10 +102,10 @@ class Scaler(torch.amp.GradScaler):
 class Stepper:
     """Runs training steps of `model` through `forward` (the model, or its compiled or DDP wrapper)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype,
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], device: torch.device, dtype: torch.dtype,
                  grad_clip: float, forward: nn.Module | None = None, world: World = World(), sharded: bool = False,
                  fused_loss: bool = False, graphs: bool = False):
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizers = model, optimizers
         self.forward = forward if forward is not None else model
         self.device, self.dtype, self.world, self.sharded = device, dtype, world, sharded
         self.grad_clip = grad_clip
@@ -137,12 +137,14 @@ class Stepper:
         return self.forward.no_sync()
 
     def update(self, lr: float, loss: torch.Tensor, flags: Flags = Flags()) -> torch.Tensor:
-        """Clip, step and clear the gradients. Returns [loss, gradient norm, applied, stop, checkpoint]
-        on the device, the loss averaged and the flags summed over all ranks."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if not self.sharded:  # FSDP trains unscaled (bf16 or fp32)
-            self.scaler.unscale_(self.optimizer)  # also finds non-finite gradients, on the device
+        """Clip, step and clear the gradients, at learning rate `lr` (times a group's `lr_scale`, if any).
+        Returns [loss, gradient norm, applied, stop, checkpoint] on the device, the loss averaged and
+        the flags summed over all ranks."""
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            if not self.sharded:  # FSDP trains unscaled (bf16 or fp32)
+                self.scaler.unscale_(optimizer)  # also finds non-finite gradients, on the device
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.grad_clip > 0:
@@ -154,11 +156,15 @@ class Stepper:
             # Each rank sees only its shard's gradients, so the scaler could skip on some ranks and
             # not others; the global norm decides for all of them instead (at the price of a sync).
             if applied:
-                self.optimizer.step()
+                for optimizer in self.optimizers:
+                    optimizer.step()
         else:
-            self.scaler.step(self.optimizer)  # skipped, on the device, when a gradient is not finite
+            for optimizer in self.optimizers:
+                # Skipped when a gradient is not finite: on the device for fused AdamW; Muon, which
+                # cannot, has the scaler read the verdict first (a wait for the device).
+                self.scaler.step(optimizer)
             self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         # Built on the device: a tensor made from host values would be a blocking copy on a GPU.
         shared = torch.zeros(3, device=self.device)
         shared[0] = loss
@@ -171,7 +177,11 @@ class Stepper:
 
     def discard(self) -> None:
         """Drop gradients that were computed but will not be applied."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
+
+    def _zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
 
 class Pipeline:
@@ -214,13 +224,12 @@ class Pipeline:
 
 def build_stepper(model: GPT, config: TrainConfig, device: torch.device, dtype: torch.dtype,
                   world: World = World()) -> Stepper:
-    """The training step for `model`: parallelized and compiled from outside, then the optimizer over
+    """The training step for `model`: parallelized and compiled from outside, then the optimizers over
     what each rank holds."""
     compile = use_compile(config.compile, device)
     parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=compile,
                            compile_blocks=config.compile_blocks, compile_mode=config.compile_mode)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    return Stepper(model, optimizer, device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded,
+    return Stepper(model, build_optimizers(model, config), device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded,
                    fused_loss=config.fused_loss, graphs=compile and config.compile_mode == "reduce-overhead")
 
 
