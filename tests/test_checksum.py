@@ -32,6 +32,21 @@ def test_every_changed_byte_is_found(tmp_path):
         assert archive_sealed(path) is not True, f"byte {i} changed unnoticed"
 
 
+def test_a_file_of_many_pieces_is_checked_piece_by_piece_with_every_byte_counted(tmp_path, monkeypatch):
+    from gpt2train import checksum
+
+    monkeypatch.setattr(checksum, "PIECE_BYTES", 1000)  # a few KB: many pieces, the last one short
+    path = sealed_file(tmp_path, {"w": torch.randn(2000)})
+    good = path.read_bytes()
+    assert len(good) > 5 * 1000 and archive_sealed(path) is True
+    for i in (0, 999, 1000, 4321, len(good) - 200):  # piece edges, inside, and the last piece
+        path.write_bytes(good[:i] + bytes([good[i] ^ 0x10]) + good[i + 1 :])
+        assert archive_sealed(path) is False, f"byte {i} changed unnoticed"
+    path.write_bytes(good)
+    monkeypatch.setattr(checksum, "PIECE_BYTES", 4096)  # pieces are part of the checksum's definition
+    assert archive_sealed(path) is False
+
+
 def test_an_archive_without_a_checksum_is_told_apart(tmp_path):
     buffer = io.BytesIO()
     torch.save({"w": torch.zeros(3)}, buffer)

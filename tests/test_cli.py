@@ -143,3 +143,18 @@ def test_eval_and_bench_say_how_far_they_are_off_a_terminal(tmp_path, monkeypatc
     assert benched.returncode == 0, benched.stderr
     assert benched.stderr.splitlines() == [f"bench: timing {name} ({i} of 3, 0 warm-up and 1 timed steps)"
                                            for i, name in enumerate(["gpt2train", "eager-fp32", "eager-bf16"], 1)]
+
+
+def test_train_ends_without_the_interpreter_teardown_and_loses_no_output(tmp_path, small_corpus):
+    from gpt2train.final_model import load_model
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # stdout block-buffered
+    result = subprocess.run([sys.executable, "-m", "gpt2train", "train", *TINY_FLAGS, "--data", str(small_corpus),
+                             "--max-steps", "1", "--warmup-steps", "1", "--target-loss", "100",
+                             "--run-dir", str(tmp_path / "run"),
+                             "--out-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("loss plot")  # the last line, flushed before the exit
+    assert (tmp_path / "out" / "final_model.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001.pt").is_file()  # the writer was waited for
+    load_model(tmp_path / "run")  # complete: its checksum holds

@@ -63,6 +63,13 @@ def test_a_damaged_cache_file_is_tokenized_again_and_replaced(cache, monkeypatch
     assert same(original, load_corpus()) and calls == []  # the file was replaced with a good one
     file.write_bytes(b"")
     assert same(original, load_corpus())
+    with np.load(file) as f:  # a well-formed file whose tokens changed after its checksum was taken
+        arrays = {key: f[key] for key in f.files}
+    arrays["train"][0] ^= 1
+    with open(file, "wb") as f:
+        np.savez(f, **arrays)
+    calls.clear()
+    assert same(original, load_corpus()) and calls == [None]
 
 
 def test_runs_that_fill_the_cache_at_once_both_get_the_tokens(cache):

@@ -247,3 +247,35 @@ def test_two_deterministic_runs_print_the_same_losses(tmp_path, small_corpus):
         outputs.append(logged_losses(result.stdout))
     assert sorted(outputs[0]) == list(range(1, 13))
     assert outputs[0] == outputs[1]
+
+
+def test_threads_are_fitted_to_the_cores_other_processes_leave_free(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    busy = iter([10.0, 10.0 + 0.05])  # others kept one core busy over the 0.05 s sampled
+    monkeypatch.setattr(runtime, "_cpu_busy_seconds", lambda cores: next(busy))
+    monkeypatch.setattr(runtime.time, "process_time", lambda: 0.0)
+    monkeypatch.setattr(runtime.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    note = runtime.fit_threads_to_free_cores(sample_seconds=0.05)
+    assert chosen == [1]
+    assert note.startswith("cpu threads: 1 of 2 (other processes keep 1 core busy")
+
+
+def test_omp_num_threads_chooses_the_thread_count(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(runtime, "_cpu_busy_seconds", lambda cores: pytest.fail("sampled the load"))
+    assert runtime.fit_threads_to_free_cores() is None
+
+
+def test_a_deterministic_run_keeps_its_thread_count(tmp_path, small_corpus, monkeypatch):
+    from gpt2train.training import setup
+
+    calls = []
+    monkeypatch.setattr(setup, "fit_threads_to_free_cores", lambda: calls.append(None))
+    for name, deterministic in (("default", False), ("deterministic", True)):
+        train(tiny_config(tmp_path / name, small_corpus, max_steps=1, warmup_steps=1, target_loss=0.0,
+                          deterministic=deterministic), log=lambda _: None)
+    assert calls == [None]  # the default run fitted its threads; the deterministic one did not

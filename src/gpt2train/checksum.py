@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -38,10 +39,32 @@ def _piece_digests(pieces: list, read=lambda piece: piece) -> list[bytes]:
 
 
 def _file_digest(fd: int, end: int) -> str:
-    """The checksum of bytes [0, end) of an open file, read in pieces on several threads."""
+    """The checksum of bytes [0, end) of an open file, read in pieces on several threads, each thread
+    into one buffer that it reuses: a fresh 64 MiB buffer per piece cost more to fault in than to hash."""
     starts = list(range(0, max(end, 1), PIECE_BYTES))
-    digests = _piece_digests(starts, lambda start: os.pread(fd, min(PIECE_BYTES, end - start), start))
+    buffers = threading.local()
+
+    def read(start: int) -> memoryview:
+        if not hasattr(buffers, "piece"):
+            buffers.piece = memoryview(bytearray(min(PIECE_BYTES, end)))
+        piece, done = buffers.piece[: min(PIECE_BYTES, end - start)], 0
+        while done < len(piece):
+            got = _pread_into(fd, piece[done:], start + done)
+            if got == 0:
+                raise OSError(f"the file ended before byte {end:,}")
+            done += got
+        return piece
+
+    digests = _piece_digests(starts, read)
     return PREFIX + hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], offset)
+    data = os.pread(fd, len(buffer), offset)  # systems without preadv
+    buffer[: len(data)] = data
+    return len(data)
 
 
 def seal_archive(f: BinaryIO) -> None:

@@ -191,8 +191,10 @@ class Trainer:
                                  grad_norm=result.grad_norm, step_time=seen.seconds,
                                  tokens_per_s=self.config.tokens_per_step * self.world.size / seen.seconds, **measured)
         if step == self.clock.first_step:
-            if self.recorder is not None:
-                plot.warm_up()  # for the plot at the end; the first step has started everything heavy
+            if self.recorder is not None and not seen.reached and step < self.config.max_steps:
+                # For the plot at the end, while training goes on; the first step has started everything
+                # heavy. A run that ends here imports matplotlib after its final model is written.
+                plot.warm_up()
             if self.debug:
                 self.log(f"first step: {seen.seconds:.1f} s (compilation included, when on)")
         per_step = self.clock.step_done(step, seen.seconds)

@@ -76,7 +76,9 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
     dtype = resolve_dtype(config.dtype, device)
     check_fits(config, device)
     configure_backends(device, deterministic=config.deterministic)
-    notes = [note] if device.type == "cpu" and (note := fit_threads_to_free_cores()) else []
+    # A CPU's sums depend on the thread count: a deterministic run keeps the same count whatever the load.
+    fit = device.type == "cpu" and not config.deterministic
+    notes = [note] if fit and (note := fit_threads_to_free_cores()) else []
     start_device(device)
     lap("device")
     seed_everything(config.seed)  # the same on every rank: the same initial weights and dropout
