@@ -293,3 +293,22 @@ def test_the_seeds_lines_are_printed_as_things_happen(tmp_path, small_corpus):
         ("Training completed. Best loss", True, 0),  # the checkpoint comes after the seed's lines
     ]
     assert result.checkpoint_path.exists()
+
+
+def test_a_run_that_ends_at_a_step_prints_no_estimate_for_it(tmp_path, small_corpus):
+    import signal
+
+    def run(name, stop=False):
+        lines = []
+        trainer = Trainer(tiny_config(tmp_path / name, small_corpus, max_steps=3, warmup_steps=1, target_loss=0.0),
+                          log=lines.append)
+        trainer.clock.step_done = lambda step, seconds: 0.1  # an estimate due after every step
+        if stop:
+            trainer.stop.request(signal.SIGTERM, "a test")  # as if SIGTERM came during step 1
+        result = trainer.run()
+        return result, [line for line in lines if line.startswith("estimated")]
+
+    result, estimates = run("to-max-steps")
+    assert result.steps == 3 and len(estimates) == 2  # after steps 1 and 2, not after the last one
+    result, estimates = run("stopped", stop=True)
+    assert result.steps == 1 and estimates == []

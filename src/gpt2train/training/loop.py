@@ -198,7 +198,8 @@ class Trainer:
             if self.debug:
                 self.log(f"first step: {seen.seconds:.1f} s (compilation included, when on)")
         per_step = self.clock.step_done(step, seen.seconds)
-        if per_step is not None and step < self.config.max_steps:
+        ends_here = step == self.config.max_steps or seen.reached or seen.result.stop
+        if per_step is not None and not ends_here:  # no time to max steps for a run that ends now
             self._say_estimate(per_step, step)
 
     def _say_estimate(self, per_step: float, step: int, kind: str = "measured") -> None:
