@@ -148,7 +148,12 @@ def test_eval_and_bench_say_how_far_they_are_off_a_terminal(tmp_path, monkeypatc
 def test_train_ends_without_the_interpreter_teardown_and_loses_no_output(tmp_path, small_corpus):
     from gpt2train.final_model import load_model
 
+    # The checkpoint of the target step written slowly, so that an exit that did not wait for it would lose it.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import time\nfrom gpt2train.training import state\nwrite = state.save_checkpoint\n"
+        "state.save_checkpoint = lambda *a, **k: (time.sleep(2), write(*a, **k))[1]\n")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # stdout block-buffered
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-m", "gpt2train", "train", *TINY_FLAGS, "--data", str(small_corpus),
                              "--max-steps", "1", "--warmup-steps", "1", "--target-loss", "100",
                              "--run-dir", str(tmp_path / "run"),

@@ -15,8 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -122,7 +121,7 @@ def run_variant(config: TrainConfig, variant: str, steps: int, warmup: int) -> V
         # Before the first matrix product: cuBLAS reads its deterministic workspace setting then.
         configure_backends(device, deterministic=config.deterministic or variant == "gpt2train-deterministic")
         if variant == "gpt2train-muon":
-            config = dataclasses.replace(config, optimizer="muon")
+            config = replace(config, optimizer="muon")
         step = gpt2train_step(model, dtype, device, config, x, y)
     elif variant == "compiled":
         step = compiled_step(model, dtype, device, config, x, y)

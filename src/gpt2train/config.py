@@ -99,7 +99,7 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-steps whose gradients add up to one optimizer step", OPTIMIZATION)
     seq_len: int = _opt(1024, "tokens per sequence (at most block_size)", OPTIMIZATION)
     max_steps: int = _opt(20000, "stop after this many optimizer steps", OPTIMIZATION)
-    warmup_steps: int = _opt(2000, "linear warmup steps before the cosine decay", OPTIMIZATION)
+    warmup_steps: int = _opt(2000, "linear warmup steps before the decay", OPTIMIZATION)
     optimizer: str = _opt("adamw", "adamw (the seed's), or muon: Muon on the transformer blocks' matrices and AdamW on "
                           "the embeddings, biases and LayerNorm gains", OPTIMIZATION, OPTIMIZERS)
     lr: float = _opt(6e-4, "peak learning rate (of AdamW, for every parameter it updates)", OPTIMIZATION)

@@ -190,15 +190,15 @@ class Trainer:
             self.recorder.record(step, loss=result.loss, best_loss=best, lr=self.setup.schedule.lr(step),
                                  grad_norm=result.grad_norm, step_time=seen.seconds,
                                  tokens_per_s=self.config.tokens_per_step * self.world.size / seen.seconds, **measured)
+        ends_here = step == self.config.max_steps or seen.reached or seen.result.stop
         if step == self.clock.first_step:
-            if self.recorder is not None and not seen.reached and step < self.config.max_steps:
+            if self.recorder is not None and not ends_here:
                 # For the plot at the end, while training goes on; the first step has started everything
                 # heavy. A run that ends here imports matplotlib after its final model is written.
                 plot.warm_up()
             if self.debug:
                 self.log(f"first step: {seen.seconds:.1f} s (compilation included, when on)")
         per_step = self.clock.step_done(step, seen.seconds)
-        ends_here = step == self.config.max_steps or seen.reached or seen.result.stop
         if per_step is not None and not ends_here:  # no time to max steps for a run that ends now
             self._say_estimate(per_step, step)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import TrainConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class WarmupCosine:
     """Linear warmup reaching max_lr at step warmup_steps, then a cosine down to min_lr at max_steps
     (and min_lr after that): the seed's schedule."""

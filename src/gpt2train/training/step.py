@@ -102,8 +102,8 @@ class Scaler(torch.amp.GradScaler):
 class Stepper:
     """Runs training steps of `model` through `forward` (the model, or its compiled or DDP wrapper)."""
 
-    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], device: torch.device, dtype: torch.dtype,
-                 grad_clip: float, forward: nn.Module | None = None, world: World = World(), sharded: bool = False,
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], device: torch.device,
+                 dtype: torch.dtype, grad_clip: float, forward: nn.Module | None = None, world: World = World(), sharded: bool = False,
                  fused_loss: bool = False, graphs: bool = False):
         self.model, self.optimizers = model, optimizers
         self.forward = forward if forward is not None else model
@@ -229,8 +229,9 @@ def build_stepper(model: GPT, config: TrainConfig, device: torch.device, dtype: 
     compile = use_compile(config.compile, device)
     parallel = parallelize(model, device, dtype, world, fsdp=config.fsdp, compile=compile,
                            compile_blocks=config.compile_blocks, compile_mode=config.compile_mode)
-    return Stepper(model, build_optimizers(model, config), device, dtype, config.grad_clip, parallel.forward, world, parallel.sharded,
-                   fused_loss=config.fused_loss, graphs=compile and config.compile_mode == "reduce-overhead")
+    return Stepper(model, build_optimizers(model, config), device, dtype, config.grad_clip, parallel.forward, world,
+                   parallel.sharded, fused_loss=config.fused_loss,
+                   graphs=compile and config.compile_mode == "reduce-overhead")
 
 
 @contextlib.contextmanager
