@@ -5,14 +5,15 @@ import zipfile
 
 import torch
 
-from gpt2train.checksum import PREFIX, archive_sealed, content_digest, seal_archive
+import pytest
+
+from gpt2train.checksum import PREFIX, ArchiveSealer, archive_sealed, content_digest, save_sealed
 
 
 def sealed_file(tmp_path, obj):
     path = tmp_path / "f.pt"
-    with open(path, "w+b") as f:
-        torch.save(obj, f)
-        seal_archive(f)
+    with open(path, "wb") as f:
+        save_sealed(obj, f)
     return path
 
 
@@ -45,6 +46,32 @@ def test_a_file_of_many_pieces_is_checked_piece_by_piece_with_every_byte_counted
     path.write_bytes(good)
     monkeypatch.setattr(checksum, "PIECE_BYTES", 4096)  # pieces are part of the checksum's definition
     assert archive_sealed(path) is False
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 999, 1000, 1001])
+def test_the_checksum_made_while_writing_is_the_one_read_back_however_the_bytes_arrive(tmp_path, monkeypatch, chunk):
+    from gpt2train import checksum
+
+    monkeypatch.setattr(checksum, "PIECE_BYTES", 1000)  # writes that end at, before and after piece edges
+    buffer = io.BytesIO()
+    torch.save({"w": torch.randn(1500)}, buffer)
+    archive = buffer.getvalue()
+    path = tmp_path / "f.pt"
+    with open(path, "wb") as f:
+        sealer = ArchiveSealer(f)
+        for start in range(0, len(archive), chunk):
+            sealer.write(archive[start : start + chunk])
+        sealer.seal()
+    assert archive_sealed(path) is True
+    assert path.read_bytes()[: len(archive) - 2] == archive[:-2]  # all but the comment length, as written
+
+
+def test_only_a_zip_archive_without_a_comment_can_be_sealed(tmp_path):
+    with open(tmp_path / "f.pt", "wb") as f:
+        sealer = ArchiveSealer(f)
+        sealer.write(b"not an archive at all, but long enough")
+        with pytest.raises(ValueError, match="not a zip archive"):
+            sealer.seal()
 
 
 def test_an_archive_without_a_checksum_is_told_apart(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from helpers import tiny_config
 
 from gpt2train import GPT, GPTConfig, load_model, train
-from gpt2train.checksum import seal_archive
+from gpt2train.checksum import save_sealed
 from gpt2train.errors import UserError
 from gpt2train.final_model import claim_final_model, read_model, save_final_model, written_by
 
@@ -68,9 +68,8 @@ def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):
     save_final_model(small_model(), tmp_path / "m.pt", step=1, best_loss=1.0)
     contents = torch.load(tmp_path / "m.pt", weights_only=True)
     contents["config"]["n_embd"] = 32
-    with open(tmp_path / "m.pt", "w+b") as f:  # an intact file, with its checksum
-        torch.save(contents, f)
-        seal_archive(f)
+    with open(tmp_path / "m.pt", "wb") as f:  # an intact file, with its checksum
+        save_sealed(contents, f)
     with pytest.raises(UserError, match="do not fit its config"):
         load_model(tmp_path / "m.pt")
 

@@ -115,11 +115,12 @@ def test_the_target_checkpoint_is_written_while_the_records_close_and_the_run_wa
         return path
 
     monkeypatch.setattr(Checkpointer, "write", slow_write)
-    lines = []
+    lines, switch_interval = [], sys.getswitchinterval()
     result = train(tiny_config(tmp_path, small_corpus, target_loss=5.0), log=lambda line: lines.append((line, time.monotonic())))
     returned = time.monotonic()
     plotted = next(at for line, at in lines if line.startswith("loss plot"))
     assert plotted < written[0] <= returned  # the plot did not wait for the checkpoint; the run did
+    assert sys.getswitchinterval() == switch_interval  # the writer's shorter GIL turns end with it
     assert read_checkpoint(result.checkpoint_path)["finished"] == "target_reached"
     monkeypatch.undo()
     further = quiet(tiny_config(tmp_path, small_corpus, target_loss=3.0, resume="latest"))

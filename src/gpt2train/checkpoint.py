@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checksum import seal_archive
+from .checksum import save_sealed
 from .errors import UserError
 from .files import atomic_write, load_weights_only
 
@@ -75,7 +75,7 @@ def save_checkpoint(run_dir: str | Path, step: int, contents: dict, keep: int) -
     `run_id`; another run's checkpoints are never deleted)."""
     path = checkpoint_path(run_dir, step)
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": step, **contents}
-    atomic_write(path, lambda f: (_save_without_crc32(payload, f), seal_archive(f)))
+    atomic_write(path, lambda f: _save_without_crc32(payload, f), direct=True)
     ours = [p for p in list_checkpoints(run_dir) if checkpoint_run_id(p) in (contents.get("run_id"), None)]
     for old in ours[:-keep]:
         old.unlink(missing_ok=True)
@@ -83,12 +83,12 @@ def save_checkpoint(run_dir: str | Path, step: int, contents: dict, keep: int) -
 
 
 def _save_without_crc32(payload: dict, f) -> None:
-    """torch.save without a CRC-32 per record (computing it was a good part of the time to write a 1.5 GB
+    """save_sealed without a CRC-32 per record (computing it was a good part of the time to write a 1.5 GB
     checkpoint): the seal's SHA-256 covers every byte. torch.load does not look at CRCs."""
     crc32 = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
-        torch.save(payload, f)
+        save_sealed(payload, f)
     finally:
         torch.serialization.set_crc32_options(crc32)
 

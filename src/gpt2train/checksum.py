@@ -55,8 +55,7 @@ def _file_digest(fd: int, end: int) -> str:
             done += got
         return piece
 
-    digests = _piece_digests(starts, read)
-    return PREFIX + hashlib.sha256(b"".join(digests)).hexdigest()
+    return PREFIX + hashlib.sha256(b"".join(_piece_digests(starts, read))).hexdigest()
 
 
 def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
@@ -67,18 +66,64 @@ def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
     return len(data)
 
 
-def seal_archive(f: BinaryIO) -> None:
-    """Append the checksum of everything written to `f` (a zip archive, as torch.save writes it) as
-    the archive's comment."""
-    f.flush()
-    fd = f.fileno()
-    size = os.fstat(fd).st_size
-    magic, _, comment_length = EOCD.unpack(os.pread(fd, EOCD.size, size - EOCD.size))
-    if magic != EOCD_MAGIC or comment_length:
-        raise ValueError("not a zip archive that ends without a comment")
-    comment = _file_digest(fd, size - 2).encode()  # all but the comment's length, which follows
-    f.seek(size - 2)
-    f.write(struct.pack("<H", len(comment)) + comment)
+class ArchiveSealer:
+    """A write-only stream that passes a zip archive (torch.save's) on to `out` and, at `seal()`,
+    appends the checksum of every byte it passed as the archive's comment. The bytes are hashed as
+    they go by, so the file is never read back to be sealed."""
+
+    def __init__(self, out: BinaryIO):
+        self._out = out
+        self._digests: list[bytes] = []  # of the pieces hashed so far
+        self._piece, self._in_piece = hashlib.sha256(), 0
+        # The last two bytes are the archive's comment length, which seal() replaces: they are held
+        # back, unhashed and unwritten, until more bytes follow them.
+        self._held = b""
+        self._tail = b""  # the last EOCD.size bytes, to check that an archive without a comment ends here
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) >= 2:
+            self._pass(self._held)
+            self._pass(view[:-2])
+            self._held = bytes(view[-2:])
+        else:
+            both = self._held + bytes(view)
+            self._pass(both[:-2])
+            self._held = both[-2:]
+        self._tail = (self._tail + bytes(view[-EOCD.size:]))[-EOCD.size:]
+        return len(view)
+
+    def _pass(self, view) -> None:
+        self._out.write(view)
+        view = memoryview(view)
+        while len(view):
+            take = min(len(view), PIECE_BYTES - self._in_piece)
+            self._piece.update(view[:take])
+            self._in_piece += take
+            view = view[take:]
+            if self._in_piece == PIECE_BYTES:
+                self._digests.append(self._piece.digest())
+                self._piece, self._in_piece = hashlib.sha256(), 0
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def seal(self) -> None:
+        """Write the checksum as the comment of the archive that was written."""
+        magic, _, comment_length = EOCD.unpack(self._tail) if len(self._tail) == EOCD.size else (b"", b"", 0)
+        if magic != EOCD_MAGIC or comment_length:
+            raise ValueError("not a zip archive that ends without a comment")
+        if self._in_piece or not self._digests:
+            self._digests.append(self._piece.digest())
+        comment = (PREFIX + hashlib.sha256(b"".join(self._digests)).hexdigest()).encode()
+        self._out.write(struct.pack("<H", len(comment)) + comment)
+
+
+def save_sealed(obj, f: BinaryIO) -> None:
+    """torch.save `obj` to `f`, sealed with the checksum of its bytes."""
+    sealer = ArchiveSealer(f)
+    torch.save(obj, sealer)
+    sealer.seal()
 
 
 def archive_sealed(path: str | Path) -> bool | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINTS, check_checkpoint, find_checkpoint, run_dir_of
-from .checksum import content_digest, seal_archive
+from .checksum import content_digest, save_sealed
 from .errors import UserError
 from .files import atomic_write, load_weights_only
 from .hf import read_hf_model
@@ -77,11 +77,11 @@ def save_final_model(model: GPT, path: str | Path, step: int, best_loss: float, 
         metadata["config"] = json.dumps(model.config.to_dict())
         metadata[CHECKSUM_KEY] = _safetensors_digest(state, metadata)
         data = require_safetensors().torch.save(state, metadata=metadata)
-        atomic_write(path, lambda f: f.write(data))
+        atomic_write(path, lambda f: f.write(data), direct=True)
     else:
         # The seed's layout: {'config': dict, 'model_state_dict': tensors}, plus the run's facts.
         payload = {"config": model.config.to_dict(), "model_state_dict": state, **info}
-        atomic_write(path, lambda f: (torch.save(payload, f), seal_archive(f)))
+        atomic_write(path, lambda f: save_sealed(payload, f), direct=True)
 
 
 def _safetensors_digest(state: dict, metadata: dict) -> str:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -247,6 +249,21 @@ def process_age() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return uptime - started / os.sysconf("SC_CLK_TCK")
+
+
+def import_in_background(module: str) -> threading.Thread:
+    """Start importing `module` on a thread of its own; join the thread returned before using it. A
+    failed import is left to the import that needs the module, which fails the same way in one line."""
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - raised again, and reported, where the module is used
+            pass
+
+    thread = threading.Thread(target=load, daemon=True, name=f"gpt2train-import-{module}")
+    thread.start()
+    return thread
 
 
 def start_device(device: torch.device) -> None:

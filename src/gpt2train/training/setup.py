@@ -15,8 +15,8 @@ from ..errors import UserError
 from ..hf import read_hf_model
 from ..model import GPT
 from ..runtime import (
-    check_fits, configure_backends, fit_threads_to_free_cores, process_age, resolve_device, resolve_dtype,
-    seed_everything, skip_init, start_device,
+    check_fits, configure_backends, fit_threads_to_free_cores, import_in_background, process_age, resolve_device,
+    resolve_dtype, seed_everything, skip_init, start_device,
 )
 from . import distributed
 from .distributed import World
@@ -94,7 +94,11 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
         sampler = Prefetcher(sampler)
     lap("data")
 
+    # The first optimizer built imports torch._dynamo (1.5 s on a CPU): import it while the model is
+    # built, in torch's kernels, which leave Python's lock free.
+    dynamo = import_in_background("torch._dynamo")
     model = build_model(config, device, start.saved is None)
+    dynamo.join()
     lap("model")
     stepper = build_stepper(model, config, device, dtype, world)
     schedule = build_schedule(config)
