@@ -1,12 +1,14 @@
 import json
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
 import pytest
 from helpers import quiet, run_cli, tiny_config
 
-from gpt2train import train
+from gpt2train import plot, train
 from gpt2train.config import resolve_config
 from gpt2train.errors import UserError
 from gpt2train.metrics import read_metrics
@@ -78,6 +80,23 @@ def test_loss_png_is_drawn_at_the_end_and_on_demand(run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = run_cli("plot", config.run_dir)
     assert again.returncode == 0 and f"loss plot: {png}" in again.stdout
+
+
+def test_the_plot_is_warmed_up_by_a_drawing_of_its_own_which_the_real_one_waits_for(run, monkeypatch):
+    pytest.importorskip("matplotlib")
+    config, _ = run
+    saved, save = [], plot._save
+
+    def slow_warm_up(fig, f):
+        if threading.current_thread().name == "gpt2train-plot-warm-up":
+            time.sleep(0.5)
+        save(fig, f)
+        saved.append(threading.current_thread() is threading.main_thread())
+
+    monkeypatch.setattr(plot, "_save", slow_warm_up)
+    plot.warm_up()
+    plot_run(config.run_dir)
+    assert saved == [False, True]  # a whole figure drawn on the warm-up's thread, then the run's
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(run, monkeypatch):

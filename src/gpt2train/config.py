@@ -166,15 +166,10 @@ MODEL_HELP = {
     "bias": "biases in Linear layers and LayerNorms",
 }
 
-def _field_type(dataclass_type, name: str):
-    return typing.get_type_hints(dataclass_type)[name]
-
-
 def field_types() -> dict[str, type]:
     """The Python type of every flat config key."""
-    types = {name: _field_type(GPTConfig, name) for name in MODEL_FIELDS}
-    types.update({name: _field_type(TrainConfig, name) for name in RUN_FIELDS})
-    return types
+    model, run = typing.get_type_hints(GPTConfig), typing.get_type_hints(TrainConfig)
+    return {**{name: model[name] for name in MODEL_FIELDS}, **{name: run[name] for name in RUN_FIELDS}}
 
 
 def base_type(annotation) -> type:

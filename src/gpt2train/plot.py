@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 
@@ -13,24 +14,23 @@ from .optional import require
 
 PLOT_FILE = "loss.png"
 
+_warming: threading.Thread | None = None  # the drawing that warm_up() started, while it runs
+
 
 def warm_up() -> None:
-    """Import matplotlib on a thread of its own, if it is installed, so that the plot at the end of a
-    run does not wait for the import (about a second)."""
+    """Import matplotlib and draw a throwaway plot on a thread of its own, if matplotlib is installed,
+    so that the plot at the end of a run waits neither for the import (about a second) nor for the
+    fonts, text layout and tick formats that a process's first drawing sets up (about half a second)."""
+    global _warming
 
-    def load() -> None:
+    def draw() -> None:
         try:
-            _pyplot()
+            _save(_figure("warm-up", {"target_loss": 0.5}, [(1, 10.0), (50, 0.4)], [(50, 0.6)]), io.BytesIO())
         except UserError:  # not installed: the end of the run says so
             pass
 
-    threading.Thread(target=load, daemon=True, name="gpt2train-plot-import").start()
-
-
-def _pyplot():
-    matplotlib = require("matplotlib", "drawing loss.png", "plot", needs="matplotlib")
-    matplotlib.use("Agg")  # files only: no display needed
-    return require("matplotlib.pyplot", "drawing loss.png", "plot", needs="matplotlib")
+    _warming = threading.Thread(target=draw, daemon=True, name="gpt2train-plot-warm-up")
+    _warming.start()
 
 
 def plot_run(run_dir: str | Path) -> Path:
@@ -38,13 +38,27 @@ def plot_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     config = load_toml(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
-    plt = _pyplot()
-
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train and not val:
         raise UserError(f"{run_dir} has no losses recorded yet: plot it after its first logged step")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    if _warming is not None:
+        _warming.join()  # matplotlib draws one figure at a time
+    title = f"{run_dir.name} ({config['preset']} preset)" if "preset" in config else run_dir.name
+    figure = _figure(title, config, train, val)
+    path = run_dir / PLOT_FILE
+    atomic_write(path, lambda f: _save(figure, f))
+    return path
+
+
+def _figure(title: str, config: dict, train: list[tuple], val: list[tuple]):
+    """The plot of these (step, loss) curves, with the target that `config` sets."""
+    # matplotlib's object API: no pyplot, so no GUI backend, no global figure registry, nothing to close.
+    require("matplotlib", "drawing loss.png", "plot", needs="matplotlib")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     curves = {}
     if train:
         curves["train"] = ax.plot(*zip(*train), label="train loss", linewidth=1)[0]
@@ -64,10 +78,11 @@ def plot_run(run_dir: str | Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_yscale("log")
-    ax.set_title(f"{run_dir.name} ({config['preset']} preset)" if "preset" in config else run_dir.name)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = run_dir / PLOT_FILE
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _save(fig, f) -> None:
+    fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
