@@ -114,13 +114,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_scaled_init = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        mask, causal = None, True
+        causal = mask is None  # an explicit mask (True: may attend) replaces the causal one
         if cache is not None:
             past = cache.length
             k, v = cache.append(self.layer, k, v)  # (B, nh, past + T, hs)
@@ -159,8 +159,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -215,6 +215,30 @@ class GPT(nn.Module):
         """Parameter count with the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final LayerNorm's output at every position, (B, T, C): what the output layer reads.
+
+        `pos` (B, T) and `mask` (B, 1, T, T), True where a query may attend to a key, describe packed
+        sequences: several token runs in one row, each with its own positions and what it can see.
+        Without them the row is one causal sequence, continuing the `cache` if one is given. The caller
+        keeps packed positions below block_size.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache, mask)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
     LOSS_CHUNK = 1024  # rows of logits at a time, when they are not returned
 
     def forward(
@@ -228,17 +252,7 @@ class GPT(nn.Module):
         together a chunk of positions at a time (ChunkedCrossEntropy): the same loss and gradients
         without the memory for the whole batch's logits; the logits returned are None.
         """
-        B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, cache)
-        if cache is not None:
-            cache.length += T
-        x = self.transformer.ln_f(x)
+        x = self.hidden_states(idx, cache=cache)
         if targets is not None and not return_logits:
             loss = ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.LOSS_CHUNK)
             return None, loss
