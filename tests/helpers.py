@@ -1,6 +1,7 @@
 """What the tests share: the tiny model, small corpora, and ways to run gpt2train and read what it prints."""
 
 import hashlib
+import http.server
 import os
 import re
 import subprocess
@@ -111,3 +112,58 @@ def final_model_without_run(path) -> dict:
     contents["model_state_dict"] = {k: (v.dtype, tuple(v.shape), v.numpy().tobytes())
                                     for k, v in contents["model_state_dict"].items()}
     return contents
+
+
+# Three items in HellaSwag's JSONL layout: a WikiHow one with the bracketed artifacts lm-evaluation-harness
+# removes, and endings whose characters and UTF-8 bytes differ.
+HELLASWAG_ITEMS = [
+    dict(ind=0, activity_label="Removing ice from car", ctx_a="Then, the man writes over the snow covering the "
+         "window of a car, and a woman wearing winter clothes smiles.", ctx_b="then",
+         ctx="Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes "
+             "smiles. then",
+         endings=[", the man adds wax to the windshield and cuts it.", ", a person board a ski lift.",
+                  ", the man puts on a christmas coat, knitted with netting.",
+                  ", the man continues removing the snow on his car."],
+         source_id="activitynet~v_-1IBHYS3L-Y", split="val", split_type="indomain", label=3),
+    dict(ind=1, activity_label="Baking cookies", ctx_a="A woman mixes flour and sugar in a bowl.", ctx_b="she",
+         ctx="A woman mixes flour and sugar in a bowl. she",
+         endings=["adds two eggs and stirs the batter.", "drives the café's car to the naïve dog park.",
+                  "plays the piano in the garden.", "throws the bowl at the ceiling."],
+         source_id="activitynet~v_bake", split="val", split_type="zeroshot", label=0),
+    dict(ind=2, activity_label="Personal Care and Style", ctx_a="[header] How to tie a tie [title] Drape the tie "
+         "around your neck.", ctx_b="the wide end",
+         ctx="[header] How to tie a tie [title] Drape the tie around your neck. the wide end",
+         endings=["should hang lower than the narrow end.", "is eaten by the cat.",
+                  "flies to the moon [step] Really.", "becomes a bicycle."],
+         source_id="wikihow~1", split="val", split_type="indomain", label=0),
+]
+
+
+def write_hellaswag(path: Path, items=None) -> Path:
+    """A HellaSwag JSONL file of `items` (default: HELLASWAG_ITEMS)."""
+    import json
+
+    path.write_text("".join(json.dumps(item) + "\n" for item in (items or HELLASWAG_ITEMS)), encoding="utf-8")
+    return path
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files, honouring `Range: bytes=N-` as a download resume sends it."""
+
+    def do_GET(self):
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        asked = self.headers.get("Range")
+        self.server.requests.append((self.path, asked))
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
+        self.send_response(206 if asked else 200)
+        if asked:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass

@@ -17,7 +17,7 @@ import torch
 
 from .bench import VARIANTS
 from .config import (
-    MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, base_type, field_types, preset_config, resolve_config,
+    EVAL_TASKS, MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, base_type, field_types, preset_config, resolve_config,
 )
 from .errors import UserError
 from .final_model import FILE_NAMES
@@ -142,13 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", parents=[common], help="validation loss, perplexity and bits per byte of a saved model",
-                       description="Score a model on held-out text: a prepared directory's validation split, "
-                                   "text files, or (with neither) the built-in corpus's validation split.")
+    e = sub.add_parser("eval", parents=[common], help="score a saved model: loss on held-out text, or a benchmark task",
+                       description="Score a model on held-out text (loss, perplexity, bits per byte): a prepared "
+                                   "directory's validation split, text files, or (with neither) the built-in corpus's "
+                                   "validation split. With --task hellaswag, its accuracy on HellaSwag instead.")
     e.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories or glob patterns to score")
     e.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
                    help=MODEL_PATH_HELP)
-    e.add_argument("--data", metavar="DIR", help="a directory written by `gpt2train prepare`: its validation split")
+    e.add_argument("--data", metavar="PATH", help="a directory written by `gpt2train prepare`: its validation split; "
+                                                  "with --task hellaswag, a local copy of hellaswag_val.jsonl")
+    e.add_argument("--task", choices=EVAL_TASKS,
+                   help="score a benchmark task: hellaswag (its validation set, downloaded into the gpt2train cache "
+                        "on first use unless --data gives a copy)")
+    e.add_argument("--limit", type=int, default=0, metavar="N", help="with --task, score the first N items; 0: all "
+                                                                     "(default: 0)")
+    e.add_argument("--json", action="store_true", help="with --task, print the results as one JSON object")
     e.add_argument("--seq-len", type=int, default=0, metavar="N", help="tokens per window (default: the model's context)")
     e.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
     e.add_argument("--max-tokens", type=int, default=0, metavar="N", help="score only the first N tokens; 0: all (default: 0)")
@@ -272,6 +280,8 @@ def cmd_eval(args) -> int:
     from .final_model import load_model
     from .runtime import resolve_device, resolve_dtype
 
+    if args.task:
+        return cmd_eval_task(args)
     if args.data and args.inputs:
         raise UserError("give either --data or input files, not both")
     if args.seq_len < 0 or args.batch_size < 1 or args.max_tokens < 0:
@@ -290,26 +300,85 @@ def cmd_eval(args) -> int:
     if len(tokens) < 2:
         raise UserError(f"{source} holds fewer than two tokens: nothing to score")
 
-    terminal, said, started = sys.stderr.isatty(), [0], time.monotonic()
-
-    def progress(done: int, total: int) -> None:
-        line = f"eval: {done / total:4.0%} ({done:,}/{total:,} tokens)"
-        if terminal:
-            print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        elif time.monotonic() - started > PROGRESS_AFTER_SECONDS and done * 10 // total > said[0]:
-            said[0] = done * 10 // total  # off a terminal, once it takes a while: a line every tenth
-            print(line, file=sys.stderr, flush=True)
-
+    progress = _ProgressLines("tokens")
     result = evaluate(model, tokens, seq_len, args.batch_size, device, dtype, max_tokens=args.max_tokens,
                       progress=progress)
-    if terminal:
-        print(file=sys.stderr)
+    progress.close()
     if not math.isfinite(result.loss):
         raise UserError(f"{args.model} computes a non-finite loss ({result.loss}) on {source}: its weights hold "
                         "non-finite values; use another model file")
     print(f"data: {source} | tokens: {result.tokens:,} | bytes: {result.bytes:,}")
     print(f"val loss: {result.loss:.4f} | perplexity: {result.perplexity:.2f} | bits per byte: {result.bits_per_byte:.4f}")
     return 0
+
+
+def cmd_eval_task(args) -> int:
+    import json
+
+    from . import hellaswag
+    from .final_model import load_model
+    from .runtime import resolve_device, resolve_dtype
+    from .training import distributed
+
+    if args.inputs:
+        raise UserError(f"--task {args.task} scores the task's own data: drop the input files")
+    if args.limit < 0:
+        raise UserError("--limit must not be negative (0 scores every item)")
+    world = distributed.world_from_env()
+    try:
+        device = distributed.join(world, resolve_device(args.device))
+        dtype = resolve_dtype(args.dtype, device)
+        if world.is_main:  # fetched once, not by every rank at the same time
+            hellaswag.dataset_path(args.data or "", progress=sys.stderr.isatty())
+        distributed.barrier(world)
+        items = hellaswag.read_items(hellaswag.dataset_path(args.data or ""), args.limit)
+        model = load_model(args.model, device=device)
+        progress = _ProgressLines("items") if world.is_main else None
+
+        def report(done: int, total: int) -> None:  # rank 0's share stands for every rank's
+            progress(min(done * world.size, len(items)), len(items))
+
+        started = time.perf_counter()
+        counts = hellaswag.score(model, items[world.rank :: world.size], device, dtype,
+                                 progress=report if progress is not None else None)
+        total = distributed.sum_(torch.tensor(counts.as_tuple(), device=device), world).tolist()
+        seconds = time.perf_counter() - started
+    finally:
+        distributed.leave()
+    if progress is not None:
+        progress.close()
+    if not world.is_main:
+        return 0
+    counts = hellaswag.Counts(*total)
+    figures = counts.accuracies()
+    if args.json:
+        print(json.dumps({"task": args.task, "items": counts.items, **figures, "seconds": round(seconds, 3)}))
+        return 0
+    print(f"task: hellaswag | items: {counts.items:,} | {seconds:.1f} s ({counts.items / seconds:.1f} items/s)")
+    print(f"acc: {figures['acc']:.4f} (lm-evaluation-harness: the likeliest ending)")
+    print(f"acc_norm: {figures['acc_norm']:.4f} (lm-evaluation-harness: the likeliest per character)")
+    print(f"acc_norm_completion: {figures['acc_norm_completion']:.4f} (build-nanogpt and llm.c: the lowest loss per token)")
+    return 0
+
+
+class _ProgressLines:
+    """`eval`'s progress on stderr: redrawn in place on a terminal; elsewhere, once the job has taken a
+    while, a line every tenth of the way."""
+
+    def __init__(self, unit: str):
+        self.unit, self.terminal, self.said, self.started = unit, sys.stderr.isatty(), 0, time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        line = f"eval: {done / total:4.0%} ({done:,}/{total:,} {self.unit})"
+        if self.terminal:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif time.monotonic() - self.started > PROGRESS_AFTER_SECONDS and done * 10 // total > self.said:
+            self.said = done * 10 // total
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.terminal:
+            print(file=sys.stderr)
 
 
 def cmd_plot(args) -> int:

@@ -27,6 +27,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 
 OPTIMIZERS = ("adamw", "muon")
+EVAL_TASKS = ("hellaswag",)
 SCHEDULES = ("cosine", "wsd")
 
 
@@ -120,6 +121,12 @@ class TrainConfig:
     log_interval: int = _opt(10, "print a log line every N steps", CHECKPOINTS)
     eval_interval: int = _opt(500, "steps between validation-loss evaluations; 0: never", CHECKPOINTS)
     eval_tokens: int = _opt(262144, "validation tokens per evaluation; 0: the whole split", CHECKPOINTS)
+    eval_tasks: str = _opt("", "benchmark tasks to score the model on during training, comma-separated: hellaswag; "
+                           "empty: none", CHECKPOINTS)
+    task_eval_interval: int = _opt(250, "with --eval-tasks, steps between task evaluations", CHECKPOINTS)
+    task_eval_limit: int = _opt(0, "with --eval-tasks, score the first N items of each task; 0: all", CHECKPOINTS)
+    task_eval_data: str = _opt("", "with --eval-tasks hellaswag, a local copy of hellaswag_val.jsonl; empty: the copy "
+                               "in the gpt2train cache, downloaded on first use", CHECKPOINTS)
     target_metric: str = _opt("train", "which loss the target applies to: train (each step's) or val (at evaluations)",
                               CHECKPOINTS, ("train", "val"))
     tensorboard: bool = _opt(False, "also write TensorBoard events to run_dir/tensorboard (needs the tensorboard package)", CHECKPOINTS)
@@ -144,6 +151,11 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         """Tokens per optimizer step on one rank; the global batch is this times the world size."""
         return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def tasks(self) -> list[str]:
+        """The benchmark tasks --eval-tasks names, in order."""
+        return [task.strip() for task in self.eval_tasks.split(",") if task.strip()]
 
     def to_flat_dict(self) -> dict:
         """One level of keys, as in a config file: model fields beside the run fields."""
@@ -322,6 +334,12 @@ def validate(config: TrainConfig) -> None:
         (config.max_bad_steps > 0, "max_bad_steps must be at least 1"),
         (config.eval_interval >= 0, "eval_interval must not be negative (0 turns evaluation off)"),
         (config.eval_tokens >= 0, "eval_tokens must not be negative (0 evaluates the whole split)"),
+        (all(task in EVAL_TASKS for task in config.tasks),
+         f"eval_tasks must be a comma-separated list of {', '.join(EVAL_TASKS)}, not {config.eval_tasks!r}"),
+        (config.task_eval_interval > 0, "task_eval_interval must be positive"),
+        (config.task_eval_limit >= 0, "task_eval_limit must not be negative (0 scores every item)"),
+        (not (config.tasks and config.fsdp), "eval_tasks does not run under --fsdp: score the final model "
+                                                  "with `gpt2train eval --task hellaswag` instead"),
         (config.target_metric != "val" or config.eval_interval > 0, "target_metric val needs evaluations: set --eval-interval"),
     ]
     for name, f in RUN_FIELDS.items():

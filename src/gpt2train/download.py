@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 from http.client import HTTPException
+from collections.abc import Callable
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit
@@ -37,11 +38,13 @@ def cached_path(address: str, cache_dir: Path) -> Path:
     return cache_dir / f"{hashlib.sha256(address.encode()).hexdigest()[:12]}-{name}"
 
 
-def download(url: str, cache_dir: Path, progress: bool = False) -> Path:
+def download(url: str, cache_dir: Path, progress: bool = False,
+             verify: Callable[[Path], None] | None = None) -> Path:
     """The cached copy of `url` (a `#sha256=HEX` suffix is verified), downloading what is missing.
 
     Bytes arrive in `NAME.partial`; a later call asks the server for the rest with an HTTP Range
-    request. The file gets its final name only when complete and verified.
+    request. The file gets its final name only when complete and verified: `verify(path)` raises a
+    UserError for a file that is not the one wanted, which is then deleted.
     """
     address, expected = split_checksum(url)
     path = cached_path(address, cache_dir)
@@ -53,6 +56,12 @@ def download(url: str, cache_dir: Path, progress: bool = False) -> Path:
         except OSError as e:
             raise UserError(f"cannot write the download of {address} to {cache_dir}: {e.strerror}; "
                             f"choose another --cache-dir") from None
+        if verify is not None:
+            try:
+                verify(partial)
+            except UserError:
+                partial.unlink()
+                raise
         os.replace(partial, path)
     if expected:
         actual = file_sha256(path)

@@ -1,4 +1,5 @@
-"""loss.png: a run's train and validation loss against steps, with its target."""
+"""loss.png: a run's train and validation loss against steps, with its target; below them, when the run
+scored benchmark tasks (--eval-tasks), their accuracies."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from .metrics import CONFIG_FILE, read_metrics
 from .optional import require
 
 PLOT_FILE = "loss.png"
+# The accuracies metrics.jsonl may hold (`<task>_<figure>`), with their legend labels.
+ACCURACIES = {"hellaswag_acc_norm": "HellaSwag acc_norm", "hellaswag_acc": "HellaSwag acc",
+              "hellaswag_acc_norm_completion": "HellaSwag acc_norm, completion style"}
 
 _warming: threading.Thread | None = None  # the drawing that warm_up() started, while it runs
 
@@ -25,7 +29,7 @@ def warm_up() -> None:
 
     def draw() -> None:
         try:
-            _save(_figure("warm-up", {"target_loss": 0.5}, [(1, 10.0), (50, 0.4)], [(50, 0.6)]), io.BytesIO())
+            _save(_figure("warm-up", {"target_loss": 0.5}, [(1, 10.0), (50, 0.4)], [(50, 0.6)], {}), io.BytesIO())
         except UserError:  # not installed: the end of the run says so
             pass
 
@@ -40,25 +44,38 @@ def plot_run(run_dir: str | Path) -> Path:
     config = load_toml(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    accuracies = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None] for key in ACCURACIES}
     if not train and not val:
         raise UserError(f"{run_dir} has no losses recorded yet: plot it after its first logged step")
     if _warming is not None:
         _warming.join()  # matplotlib draws one figure at a time
     title = f"{run_dir.name} ({config['preset']} preset)" if "preset" in config else run_dir.name
-    figure = _figure(title, config, train, val)
+    figure = _figure(title, config, train, val, {key: points for key, points in accuracies.items() if points})
     path = run_dir / PLOT_FILE
     atomic_write(path, lambda f: _save(figure, f))
     return path
 
 
-def _figure(title: str, config: dict, train: list[tuple], val: list[tuple]):
-    """The plot of these (step, loss) curves, with the target that `config` sets."""
+def _figure(title: str, config: dict, train: list[tuple], val: list[tuple], accuracies: dict[str, list[tuple]]):
+    """The plot of these (step, loss) curves, with the target that `config` sets, and a panel of (step,
+    accuracy) curves below when there are any."""
     # matplotlib's object API: no pyplot, so no GUI backend, no global figure registry, nothing to close.
     require("matplotlib", "drawing loss.png", "plot", needs="matplotlib")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5))
-    ax = fig.subplots()
+    if accuracies:
+        fig = Figure(figsize=(8, 8))
+        ax, below = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+        for key, points in accuracies.items():
+            below.plot(*zip(*points), "o-", label=ACCURACIES[key], markersize=3)
+        below.axhline(0.25, color="gray", linestyle=":", linewidth=1, label="chance (1 in 4)")
+        below.set_xlabel("step")
+        below.set_ylabel("accuracy")
+        below.grid(True, alpha=0.3)
+        below.legend()
+    else:
+        fig = Figure(figsize=(8, 5))
+        ax = fig.subplots()
     curves = {}
     if train:
         curves["train"] = ax.plot(*zip(*train), label="train loss", linewidth=1)[0]
@@ -75,7 +92,8 @@ def _figure(title: str, config: dict, train: list[tuple], val: list[tuple]):
         reached = next((step for step, loss in metric if loss < target), None)
         if reached is not None:
             ax.axvline(reached, color="green", linestyle=":", linewidth=1, label=f"target reached at step {reached:,}")
-    ax.set_xlabel("step")
+    if not accuracies:
+        ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_yscale("log")
     ax.set_title(title)

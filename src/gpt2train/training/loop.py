@@ -9,9 +9,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..config import TrainConfig
 from ..errors import UserError
 from ..evaluate import EvalResult, evaluate
+from .. import hellaswag
 from ..metrics import RunRecorder
 from .. import plot
 from ..model import GPT
@@ -19,7 +22,7 @@ from . import distributed
 from .distributed import world_from_env
 from .finish import Ending
 from .outcome import Outcome
-from .report import Log, StepClock, estimate_line, opening_lines, startup_line, step_line, val_line
+from .report import Log, StepClock, estimate_line, opening_lines, startup_line, step_line, task_line, val_line
 from .setup import build_run
 from .signals import StopRequests
 from .step import Batches, Flags, PendingStep, Pipeline, StepResult
@@ -82,6 +85,7 @@ class Seen:
     seconds: float  # wall time since the previous step was read
     events: list[str]  # non-finite steps and spikes
     val: EvalResult | None  # at evaluation steps
+    tasks: dict[str, dict[str, float]]  # at task evaluation steps: each task's accuracies
     reached: bool  # the target is reached at this step
 
 
@@ -158,11 +162,12 @@ class Trainer:
         events = monitor.observe(step, result.loss, result.grad_norm, result.applied)
         self.setup.schedule.observe(step, result.loss)
         val = self._evaluate() if config.eval_interval and step % config.eval_interval == 0 else None
+        tasks = self._score_tasks() if config.tasks and step % config.task_eval_interval == 0 else {}
         if config.target_metric == "val":
             reached = val is not None and val.loss < config.target_loss
         else:
             reached = result.loss < config.target_loss  # NaN never is
-        self._report(Seen(step, result, seconds, events, val, reached))
+        self._report(Seen(step, result, seconds, events, val, tasks, reached))
         if reached:
             return Outcome.TARGET_REACHED
         if monitor.bad_in_a_row >= config.max_bad_steps:
@@ -184,9 +189,13 @@ class Trainer:
             self.log(event)
         if val is not None:
             self.log(val_line(step, val))
-        if self.recorder is not None and (logged or val is not None):
+        for task, accuracies in seen.tasks.items():
+            self.log(task_line(step, task, accuracies))
+        if self.recorder is not None and (logged or val is not None or seen.tasks):
             measured = {"val_loss": val.loss, "val_perplexity": val.perplexity,
                         "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
+            measured.update({f"{task}_{name}": value for task, accuracies in seen.tasks.items()
+                             for name, value in accuracies.items()})
             self.recorder.record(step, loss=result.loss, best_loss=best, lr=self.setup.schedule.lr(step),
                                  grad_norm=result.grad_norm, step_time=seen.seconds,
                                  tokens_per_s=self.config.tokens_per_step * self.world.size / seen.seconds, **measured)
@@ -213,6 +222,16 @@ class Trainer:
                        max_tokens=self.config.eval_tokens)
         s.monitor.observe_val(val.loss)
         return val
+
+    def _score_tasks(self) -> dict[str, dict[str, float]]:
+        """HellaSwag's accuracies, each rank scoring its share of the items. The model runs as it is,
+        uncompiled and in eval mode (compiled blocks too), so the training step's compiled code is
+        neither used nor recompiled; scoring draws no random numbers, so training goes on unchanged."""
+        s = self.setup
+        with torch.compiler.set_stance("force_eager"):
+            counts = hellaswag.score(s.model, s.task_items, s.device, s.dtype)
+        total = distributed.sum_(torch.tensor(counts.as_tuple(), device=s.device), self.world)
+        return {"hellaswag": hellaswag.Counts(*total.tolist()).accuracies()}
 
     def _end(self, outcome: Outcome, last: PendingStep | None) -> TrainResult:
         """Finish the run as `outcome` says, after step `last`."""

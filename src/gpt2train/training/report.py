@@ -39,6 +39,11 @@ def val_line(step: int, val: EvalResult) -> str:
             f"val_bits_per_byte: {val.bits_per_byte:.4f}")
 
 
+def task_line(step: int, task: str, accuracies: dict[str, float]) -> str:
+    a = accuracies
+    return f"step {step} | {task} acc_norm: {a['acc_norm']:.4f} | acc: {a['acc']:.4f} | completion: {a['acc_norm_completion']:.4f}"
+
+
 def opening_lines(setup: Setup) -> list[str]:
     """The header: the process, the model, the data and the run; then where a resumed run goes on from."""
     s, config, m = setup, setup.config, setup.config.model

@@ -13,6 +13,7 @@ from ..corpus import Corpus, load_corpus
 from ..data import SAMPLERS, Sampler
 from ..errors import UserError
 from ..hf import read_hf_model
+from .. import hellaswag
 from ..model import GPT
 from ..runtime import (
     check_fits, configure_backends, fit_threads_to_free_cores, import_in_background, process_age, resolve_device,
@@ -41,6 +42,7 @@ class Setup:
     corpus: Corpus
     train_tokens: int  # of the training split, the ones the run draws from
     sampler: Sampler
+    task_items: list[hellaswag.Item]  # what --eval-tasks scores (HellaSwag's items); empty: none
     model: GPT
     stepper: Stepper
     schedule: WarmupCosine | WarmupStableDecay
@@ -92,6 +94,7 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
                                         rank=world.rank, world_size=world.size)
     if device.type == "cuda":
         sampler = Prefetcher(sampler)
+    task_items = _task_items(config, world)
     lap("data")
 
     # The first optimizer built imports torch._dynamo (1.5 s on a CPU): import it while the model is
@@ -117,8 +120,20 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
     step = checkpointer.restore(start.saved, start.checkpoint) if start.saved is not None else 0
     lock = claim_run_dir(start, world)  # the first change on disk: every refusal came before
     lap("step, state and run directory")
-    return Setup(config, world, start, device, dtype, corpus, len(tokens), sampler, model, stepper, schedule,
+    return Setup(config, world, start, device, dtype, corpus, len(tokens), sampler, task_items, model, stepper, schedule,
                  monitor, state, checkpointer, step, lock, notes, timings)
+
+
+def _task_items(config: TrainConfig, world: World) -> list[hellaswag.Item]:
+    """HellaSwag's items for --eval-tasks, this rank's share of them: fetched into the cache by rank 0
+    first, so that ranks never write the same download at once."""
+    if not config.tasks:
+        return []
+    if world.is_main:
+        hellaswag.dataset_path(config.task_eval_data)
+    distributed.barrier(world)
+    items = hellaswag.read_items(hellaswag.dataset_path(config.task_eval_data), config.task_eval_limit)
+    return items[world.rank :: world.size]
 
 
 class Laps:
