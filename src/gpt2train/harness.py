@@ -22,9 +22,9 @@ from .sample import generate
 from .scoring import Request, loglikelihoods
 from .tokenizer import EOT_ID, get_tokenizer
 
-# The oldest release with what the adapter and run_lm_eval use (TemplateLM with prefix_token_id,
-# TaskManager(include_path), utils.handle_non_serializable); pyproject.toml's `eval` extra asks for it.
-LOWEST_VERSION = "0.4.5"
+# The oldest release with what the adapter and run_lm_eval use (TemplateLM.prefix_token_id and
+# utils.handle_non_serializable came in 0.4.3); pyproject.toml's `eval` extra asks for it.
+LOWEST_VERSION = "0.4.3"
 PURPOSE = "--lm-eval"
 NEEDS = "lm-evaluation-harness"
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for generate_until requests that set none
@@ -33,8 +33,8 @@ DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for generate_until requests 
 def _harness():
     """lm_eval with the parts this module uses, or a one-line UserError: how to install it, or which
     version is installed and which are supported."""
-    lm_eval = require("lm_eval", PURPOSE, "eval", needs=NEEDS)
     try:
+        lm_eval = require("lm_eval", PURPOSE, "eval", needs=NEEDS)
         from lm_eval import evaluator, utils
         from lm_eval.api.model import TemplateLM
         from lm_eval.tasks import TaskManager
@@ -44,13 +44,17 @@ def _harness():
                             (TemplateLM, "_encode_pair"), (TemplateLM, "prefix_token_id"),
                             (TaskManager, "match_tasks"), (TaskManager, "all_tasks")):
             getattr(owner, name)
-    except (ImportError, AttributeError):
+    except UserError:
+        raise
+    except Exception as e:  # a part missing, or an older harness that fails to import beside newer libraries
         try:
             version = importlib.metadata.version("lm_eval")
         except importlib.metadata.PackageNotFoundError:
-            version = getattr(lm_eval, "__version__", "of unknown version")
+            version = "of unknown version"
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         raise UserError(f"{PURPOSE} works with {NEEDS} {LOWEST_VERSION} or later (0.4 series), not the installed "
-                        f"{version}: install a supported one with `{install_command('eval', 'lm_eval')}`") from None
+                        f"{version} ({reason}): install a supported one with `{install_command('eval', 'lm_eval')}`"
+                        ) from None
     return lm_eval
 
 
@@ -66,14 +70,12 @@ def _adapter_class():
         continuation) into tokens exactly as the harness's `hf` model does (`_encode_pair`), so the
         numbers match `lm_eval --model hf` on the model's Hugging Face export."""
 
-        def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, batch_tokens: int = 0,
-                     name: str | None = None):
+        def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, batch_tokens: int = 0):
             super().__init__()
             self.model = model.eval()
             self._device = device
             self.dtype = dtype
             self.batch_tokens = batch_tokens
-            self.name = name
             # Not `self.tokenizer`: the harness reads that as a Hugging Face tokenizer (chat templates,
             # the results' tokenizer info).
             self.encoding = get_tokenizer()
@@ -91,10 +93,6 @@ def _adapter_class():
 
         def tok_decode(self, tokens: Sequence[int]) -> str:
             return self.encoding.decode(list(tokens))
-
-        def get_model_info(self) -> dict:
-            """What the harness records as the model in its results (it calls this where it exists)."""
-            return {"model": self.name or type(self).__name__, "model_num_parameters": self.model.num_params()}
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
             scores = self._score([Request(tuple(context), tuple(continuation)) for _, context, continuation in requests],
@@ -159,13 +157,13 @@ def _adapter_class():
 
 
 def lm_eval_model(model: GPT, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
-                  batch_tokens: int = 0, name: str | None = None):
+                  batch_tokens: int = 0):
     """`model` as an lm-evaluation-harness LM (an instance of its TemplateLM), for simple_evaluate or any
     of the harness's functions that take a model. `batch_tokens`: tokens per forward pass (0: a default
     for the device)."""
     _harness()
     device = device or next(model.parameters()).device
-    return _adapter_class()(model, device, dtype, batch_tokens, name)
+    return _adapter_class()(model, device, dtype, batch_tokens)
 
 
 def run_lm_eval(
@@ -196,12 +194,14 @@ def run_lm_eval(
         matched += [name for name in names if name not in matched]
     if output is not None:
         check_writable_dir(Path(output).parent, "lm-evaluation-harness results")
-    name = str(model) if isinstance(model, (str, Path)) else None
-    if name is not None:
+    name = str(model) if isinstance(model, (str, Path)) else "gpt2train model"
+    if isinstance(model, (str, Path)):
         model = load_model(model, device=device)
-    lm = lm_eval_model(model, device, dtype, name=name)
-    results = lm_eval.simple_evaluate(model=lm, tasks=matched, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False)
+    results = lm_eval.simple_evaluate(model=lm_eval_model(model, device, dtype), tasks=matched,
+                                      num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False)
+    # What the harness records as the model is the adapter's class name otherwise.
+    results["config"].update(model=name, model_num_parameters=model.num_params())
+    print(f"gpt2train ({name}), limit: {limit}, num_fewshot: {num_fewshot}")
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
