@@ -143,7 +143,7 @@ def instances(kind: str, arguments: list[tuple]) -> list[Instance]:
 
 def test_local_hellaswag_scores_as_the_harness_hf_model_does(model, hf_dir, tasks, tmp_path, capsys):
     output = tmp_path / "results.json"
-    ours = run_lm_eval(model, [TASK], include=tasks, device=torch.device("cpu"), output=output)
+    ours = run_lm_eval(model, [TASK], include=tasks, output=output)
     printed = capsys.readouterr().out
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", device="cpu",
                                      tasks=[TASK], task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
@@ -185,6 +185,7 @@ def test_loglikelihoods_match_the_harness_hf_model(model, hf_lm):
 def test_generate_until_stops_at_the_stop_strings_and_decodes_greedily(model, hf_lm):
     enc = get_tokenizer()
     prompt = "The quick brown fox"
+    long_text = " ".join(row["ctx"] for row in hellaswag_rows())
     greedy = enc.decode(list(generate(model, enc.encode_ordinary(prompt), 30, temperature=0, top_k=None)))
     stop = greedy[len(greedy) // 2 : len(greedy) // 2 + 3]  # text the greedy continuation reaches midway
     assert stop.strip() and len(greedy) > 10
@@ -192,11 +193,14 @@ def test_generate_until_stops_at_the_stop_strings_and_decodes_greedily(model, hf
         (prompt, {"until": [stop, "never in the text"], "max_gen_toks": 30, "do_sample": False}),
         (prompt, {"until": "never in the text", "max_gen_toks": 30}),
         (prompt, {"until": [], "max_gen_toks": 10, "do_sample": False, "temperature": 0.7}),
+        (long_text, {"until": [], "max_gen_toks": 8}),  # the context cut to leave room for 8 new tokens
     ]
     ours = lm_eval_model(model).generate_until(instances("generate_until", requests), disable_tqdm=True)
     assert ours[0] == greedy[: greedy.index(stop)]
     assert ours[1] == greedy
     assert ours[2] == enc.decode(list(generate(model, enc.encode_ordinary(prompt), 10, temperature=0, top_k=None)))
+    kept = enc.encode_ordinary(long_text)[-(model.config.block_size - 8) :]
+    assert ours[3] == enc.decode(list(generate(model, kept, 8, temperature=0, top_k=None)))
     assert hf_lm.generate_until(instances("generate_until", requests), disable_tqdm=True) == ours
 
 

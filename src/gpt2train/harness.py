@@ -156,14 +156,12 @@ def _adapter_class():
     return GPT2TrainLM
 
 
-def lm_eval_model(model: GPT, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
-                  batch_tokens: int = 0):
+def lm_eval_model(model: GPT, dtype: torch.dtype = torch.float32, batch_tokens: int = 0):
     """`model` as an lm-evaluation-harness LM (an instance of its TemplateLM), for simple_evaluate or any
-    of the harness's functions that take a model. `batch_tokens`: tokens per forward pass (0: a default
-    for the device)."""
+    of the harness's functions that take a model; it runs on the device the model is on, in `dtype`.
+    `batch_tokens`: tokens per forward pass (0: a default for the device)."""
     _harness()
-    device = device or next(model.parameters()).device
-    return _adapter_class()(model, device, dtype, batch_tokens)
+    return _adapter_class()(model, next(model.parameters()).device, dtype, batch_tokens)
 
 
 def run_lm_eval(
@@ -172,8 +170,9 @@ def run_lm_eval(
     output: str | Path | None = None,
 ) -> dict:
     """Run the harness's `tasks` (names or glob patterns; with `include`, also the task files of that
-    directory) on `model` (a GPT, or a path `load_model` reads), print its results table as the harness
-    prints it, write the results to `output` as JSON, and return them.
+    directory) on `model` (a GPT, run on the device it is on, or a path `load_model` reads onto
+    `device`), print its results table as the harness prints it, write the results to `output` as JSON,
+    and return them.
 
     The task names, `include` and `output` are checked before the model is loaded or run. `limit`:
     the first N items of each task (None: all); `num_fewshot`: None for each task's own.
@@ -194,10 +193,10 @@ def run_lm_eval(
         matched += [name for name in names if name not in matched]
     if output is not None:
         check_writable_dir(Path(output).parent, "lm-evaluation-harness results")
-    name = str(model) if isinstance(model, (str, Path)) else "gpt2train model"
+    name = "gpt2train model"
     if isinstance(model, (str, Path)):
-        model = load_model(model, device=device)
-    results = lm_eval.simple_evaluate(model=lm_eval_model(model, device, dtype), tasks=matched,
+        name, model = str(model), load_model(model, device=device)
+    results = lm_eval.simple_evaluate(model=lm_eval_model(model, dtype), tasks=matched,
                                       num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False)
     # What the harness records as the model is the adapter's class name otherwise.
     results["config"].update(model=name, model_num_parameters=model.num_params())
