@@ -146,7 +146,7 @@ def test_local_hellaswag_scores_as_the_harness_hf_model_does(model, hf_dir, task
     ours = run_lm_eval(model, [TASK], include=tasks, output=output)
     printed = capsys.readouterr().out
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", device="cpu",
-                                     tasks=[TASK], task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                     tasks=[TASK], task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks)),
                                      log_samples=False)
     ours_scores, their_scores = ours["results"][TASK], theirs["results"][TASK]
     assert ours["n-samples"][TASK]["effective"] == len(ITEMS)

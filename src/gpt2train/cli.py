@@ -84,11 +84,12 @@ def _add_lm_eval_flags(parser: argparse.ArgumentParser) -> None:
     """eval's flags for lm-evaluation-harness tasks (the optional extra `eval`)."""
     g = parser.add_argument_group("lm-evaluation-harness (pip install 'gpt2train[eval]')")
     g.add_argument("--lm-eval", metavar="TASKS",
-                   help="instead, run the harness's tasks on the model, comma-separated (for example hellaswag,arc_easy)")
+                   help="instead, run the harness's tasks on the model, comma-separated (for example "
+                        "hellaswag,arc_easy)")
     g.add_argument("--lm-eval-include", metavar="DIR", help="also the task files (.yaml) in DIR, such as local tasks")
     g.add_argument("--num-fewshot", type=int, metavar="N", help="examples before each item (default: each task's own)")
-    g.add_argument("--limit", type=int, default=0, metavar="N", help="score only the first N items of each task; 0: all "
-                                                                     "(default: 0)")
+    g.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="score only the first N items of each task; 0: all (default: 0)")
     g.add_argument("--output", metavar="FILE",
                    help="where the results go as JSON (default: a new lm-eval-DATE-TIME.json in the current directory)")
 

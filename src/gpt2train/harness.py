@@ -95,8 +95,8 @@ def _adapter_class():
             return self.encoding.decode(list(tokens))
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-            scores = self._score([Request(tuple(context), tuple(continuation)) for _, context, continuation in requests],
-                                 "Running loglikelihood requests", disable_tqdm)
+            pairs = [Request(tuple(context), tuple(continuation)) for _, context, continuation in requests]
+            scores = self._score(pairs, "Running loglikelihood requests", disable_tqdm)
             return [(score.logprob, score.greedy) for score in scores]
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -110,7 +110,8 @@ def _adapter_class():
                     windows.append(Request(tuple(context), tuple(continuation)))
                     owners.append(index)
             totals = [0.0] * len(requests)
-            for owner, score in zip(owners, self._score(windows, "Running loglikelihood_rolling requests", disable_tqdm)):
+            scores = self._score(windows, "Running loglikelihood_rolling requests", disable_tqdm)
+            for owner, score in zip(owners, scores):
                 totals[owner] += score.logprob
             return totals
 
@@ -218,4 +219,5 @@ def _unknown_task(task: str, include: str | Path | None, known: Sequence[str]) -
     # The harness's command line lists its tasks with `lm_eval ls tasks` since it has subcommands.
     listing = "lm_eval ls tasks" if importlib.util.find_spec("lm_eval._cli") else "lm_eval --tasks list"
     listing += f" --include_path {include}" if include is not None else ""
-    return f"unknown lm-evaluation-harness task '{task}'{hint}: no such task in the harness{where}; list them with `{listing}`"
+    return (f"unknown lm-evaluation-harness task '{task}'{hint}: no such task in the harness{where}; "
+            f"list them with `{listing}`")
