@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 # Never reach the Hub: the models are built here and the task reads a local JSON-lines file. The datasets
-# library's cache is the session's own.
+# library's cache is this test run's own.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
