@@ -70,3 +70,12 @@ def test_scoring_leaves_the_model_in_the_mode_it_was_in():
 def test_a_continuation_longer_than_the_context_window_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         loglikelihoods(GPT(CONFIG), [Request((1,), tuple(range(65)))], torch.device("cpu"))
+
+
+def test_under_bf16_autocast_the_scores_stay_close_to_fp32():
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    requests = shared_context_requests(seed=1)
+    exact = loglikelihoods(model, requests, torch.device("cpu"))
+    low = loglikelihoods(model, requests, torch.device("cpu"), torch.bfloat16)
+    assert [s.logprob for s in low] == pytest.approx([s.logprob for s in exact], rel=0.02)

@@ -80,6 +80,20 @@ def _add_typed_flag(group, name: str, type_: type, default, help: str, choices: 
         group.add_argument(_flag(name), dest=name, type=type_, default=None, metavar=name.upper(), help=help)
 
 
+def _add_lm_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """eval's flags for lm-evaluation-harness tasks (the optional extra `eval`)."""
+    g = parser.add_argument_group("lm-evaluation-harness (pip install 'gpt2train[eval]')")
+    g.add_argument("--lm-eval", metavar="TASKS",
+                   help="instead, run the harness's tasks on the model, comma-separated (for example "
+                        "hellaswag,arc_easy)")
+    g.add_argument("--lm-eval-include", metavar="DIR", help="also the task files (.yaml) in DIR, such as local tasks")
+    g.add_argument("--num-fewshot", type=int, metavar="N", help="examples before each item (default: each task's own)")
+    g.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="with --task or --lm-eval, score only the first N items of each task; 0: all (default: 0)")
+    g.add_argument("--output", metavar="FILE",
+                   help="where the results go as JSON (default: a new lm-eval-DATE-TIME.json in the current directory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     # SUPPRESS: given before the command or after it, a subcommand's parser does not reset it.
@@ -154,14 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", choices=EVAL_TASKS,
                    help="score a benchmark task: hellaswag (its validation set, downloaded into the gpt2train cache "
                         "on first use unless --data gives a copy)")
-    e.add_argument("--limit", type=int, default=0, metavar="N", help="with --task, score the first N items; 0: all "
-                                                                     "(default: 0)")
     e.add_argument("--json", action="store_true", help="with --task, print the results as one JSON object")
     e.add_argument("--seq-len", type=int, default=0, metavar="N", help="tokens per window (default: the model's context)")
     e.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
     e.add_argument("--max-tokens", type=int, default=0, metavar="N", help="score only the first N tokens; 0: all (default: 0)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: 'auto')")
     e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: 'auto')")
+    _add_lm_eval_flags(e)
     e.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plot", parents=[common], help="draw a run's loss.png from its metrics.jsonl")
@@ -275,13 +288,17 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.task and args.lm_eval is not None:
+        raise UserError("give either --task or --lm-eval, not both")
+    if args.task:
+        return cmd_eval_task(args)
+    if args.lm_eval is not None or _lm_eval_only_flags(args):
+        return cmd_lm_eval(args)
     from .corpus import load_corpus
     from .evaluate import evaluate
     from .final_model import load_model
     from .runtime import resolve_device, resolve_dtype
 
-    if args.task:
-        return cmd_eval_task(args)
     if args.data and args.inputs:
         raise UserError("give either --data or input files, not both")
     if args.seq_len < 0 or args.batch_size < 1 or args.max_tokens < 0:
@@ -322,6 +339,8 @@ def cmd_eval_task(args) -> int:
 
     if args.inputs:
         raise UserError(f"--task {args.task} scores the task's own data: drop the input files")
+    if args.lm_eval_include or args.num_fewshot is not None or args.output:
+        raise UserError("--lm-eval-include, --num-fewshot and --output apply to --lm-eval TASKS only")
     if args.limit < 0:
         raise UserError("--limit must not be negative (0 scores every item)")
     world = distributed.world_from_env()
@@ -379,6 +398,44 @@ class _ProgressLines:
     def close(self) -> None:
         if self.terminal:
             print(file=sys.stderr)
+
+
+def _lm_eval_only_flags(args) -> list[str]:
+    """The flags given that mean something only with --lm-eval (or, for --limit, --task)."""
+    given = {"--lm-eval-include": args.lm_eval_include, "--num-fewshot": args.num_fewshot, "--output": args.output,
+             "--limit": args.limit or None}
+    return [flag for flag, value in given.items() if value is not None]
+
+
+def cmd_lm_eval(args) -> int:
+    from .harness import run_lm_eval
+    from .runtime import resolve_device, resolve_dtype
+
+    if args.lm_eval is None:
+        raise UserError(f"{', '.join(_lm_eval_only_flags(args))} apply to --lm-eval TASKS only")
+    if args.inputs or args.data:
+        raise UserError("--lm-eval scores the harness's tasks: give no input files or --data with it")
+    tasks = [task.strip() for task in args.lm_eval.split(",") if task.strip()]
+    if not tasks:
+        raise UserError("--lm-eval needs task names, comma-separated (for example --lm-eval hellaswag,arc_easy)")
+    if (args.num_fewshot or 0) < 0 or args.limit < 0:
+        raise UserError("--num-fewshot and --limit must not be negative")
+    output = Path(args.output) if args.output else _new_results_path()
+    device = resolve_device(args.device)
+    run_lm_eval(args.model, tasks, include=args.lm_eval_include, num_fewshot=args.num_fewshot,
+                limit=args.limit or None, device=device, dtype=resolve_dtype(args.dtype, device), output=output)
+    print(f"results: {output}")
+    return 0
+
+
+def _new_results_path() -> Path:
+    """lm-eval-DATE-TIME.json in the current directory, with a number added where that is taken: an
+    earlier result is never replaced."""
+    stem = time.strftime("lm-eval-%Y%m%d-%H%M%S")
+    path, n = Path(f"{stem}.json"), 1
+    while path.exists():
+        path, n = Path(f"{stem}-{n}.json"), n + 1
+    return path
 
 
 def cmd_plot(args) -> int:
