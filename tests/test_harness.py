@@ -161,6 +161,23 @@ def test_local_hellaswag_scores_as_the_harness_hf_model_does(model, hf_dir, task
     assert saved["config"]["model_num_parameters"] == model.num_params()
 
 
+def test_the_built_in_hellaswag_gives_the_harness_acc_and_acc_norm(model, tasks, tmp_path, capsys):
+    from gpt2train import hellaswag
+
+    bridged = run_lm_eval(model, [TASK], include=tasks, output=tmp_path / "results.json")["results"][TASK]
+    counts = hellaswag.score(model, hellaswag.read_items(tasks / "hellaswag.jsonl"), torch.device("cpu"))
+    assert counts.items == len(ITEMS)
+    assert (counts.accuracies()["acc"], counts.accuracies()["acc_norm"]) == (bridged["acc,none"], bridged["acc_norm,none"])
+    assert counts.acc_norm not in (0, len(ITEMS))  # agreement that means something
+    # And item by item, the very tokens the harness's own task asks about (its text clean-up, its split).
+    task = lm_eval.tasks.get_task_dict([TASK], lm_eval.tasks.TaskManager(include_path=str(tasks)))[TASK]
+    adapter = lm_eval_model(model)
+    theirs = [tuple(map(tuple, adapter._encode_pair(task.doc_to_text(doc), " " + choice)))
+              for doc in task.validation_docs() for choice in task.doc_to_choice(doc)]
+    ours = hellaswag.requests(hellaswag.read_items(tasks / "hellaswag.jsonl"))
+    assert [(r.context, r.continuation) for i, r in enumerate(ours) if i % 8 < 4] == theirs
+
+
 def test_loglikelihoods_match_the_harness_hf_model(model, hf_lm):
     text = " ".join(row["ctx"] + " " + " ".join(row["endings"]) for row in hellaswag_rows())
     requests = [

@@ -147,7 +147,7 @@ def bad_line(tmp_path, change):
 
 @pytest.mark.parametrize("change, says", [
     (lambda i: i.update(label=4), "label 4"),
-    (lambda i: i.update(label="0"), "'label'"),
+    (lambda i: i.update(label="first"), "'label'"),
     (lambda i: i.update(endings=i["endings"][:3]), "4 non-empty endings"),
     (lambda i: i.pop("ctx_b"), "'ctx_b'"),
 ])

@@ -24,7 +24,7 @@ URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_
 GIT_BLOB_ID = "0f5ee25d72216f12317d5d8a7b92deafa423d81e"
 ITEMS = 10042
 ENDINGS = 4
-FIELDS = {"activity_label": str, "ctx_a": str, "ctx_b": str, "ctx": str, "endings": list, "label": int}
+FIELDS = {"activity_label": str, "ctx_a": str, "ctx_b": str, "ctx": str, "endings": list}
 
 
 @dataclass(frozen=True)
@@ -137,12 +137,17 @@ def _item(line: bytes, where: str) -> Item:
     for key, kind in FIELDS.items():
         if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
             raise UserError(f"{where}: '{key}' is missing or not a {kind.__name__}: is this a HellaSwag file?")
+    label = doc.get("label")
+    if isinstance(label, str) and label.isdigit():  # the Hugging Face copy of the data set writes "3"
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise UserError(f"{where}: 'label' is missing or not a whole number: is this a HellaSwag file?")
     endings = doc["endings"]
     if len(endings) != ENDINGS or not all(isinstance(e, str) and e for e in endings):
         raise UserError(f"{where}: an item needs {ENDINGS} non-empty endings, this one has {len(endings)}")
-    if not 0 <= doc["label"] < ENDINGS:
-        raise UserError(f"{where}: label {doc['label']} is not the index of one of the {ENDINGS} endings (0 to 3)")
-    return Item(doc["activity_label"], doc["ctx_a"], doc["ctx_b"], doc["ctx"], tuple(endings), doc["label"])
+    if not 0 <= label < ENDINGS:
+        raise UserError(f"{where}: label {label} is not the index of one of the {ENDINGS} endings (0 to 3)")
+    return Item(doc["activity_label"], doc["ctx_a"], doc["ctx_b"], doc["ctx"], tuple(endings), label)
 
 
 def _preprocess(text: str) -> str:
