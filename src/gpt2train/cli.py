@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[common], help="score a saved model: loss on held-out text, or a benchmark task",
                        description="Score a model on held-out text (loss, perplexity, bits per byte): a prepared "
                                    "directory's validation split, text files, or (with neither) the built-in corpus's "
-                                   "validation split. With --task hellaswag, its accuracy on HellaSwag instead.")
+                                   "validation split. With --task hellaswag, its accuracy on HellaSwag instead; with --lm-eval, "
+                                   "lm-evaluation-harness's tasks.")
     e.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories or glob patterns to score")
     e.add_argument("--model", default="saved_models/final_model.pt", metavar="PATH",
                    help=MODEL_PATH_HELP)
