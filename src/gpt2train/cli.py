@@ -82,7 +82,7 @@ def _add_typed_flag(group, name: str, type_: type, default, help: str, choices: 
 
 def _add_lm_eval_flags(parser: argparse.ArgumentParser) -> None:
     """eval's flags for lm-evaluation-harness tasks (the optional extra `eval`)."""
-    g = parser.add_argument_group("lm-evaluation-harness (pip install 'gpt2train[eval]')")
+    g = parser.add_argument_group("lm-evaluation-harness (the eval extra: bash scripts/install.sh eval)")
     g.add_argument("--lm-eval", metavar="TASKS",
                    help="instead, run the harness's tasks on the model, comma-separated (for example "
                         "hellaswag,arc_easy)")
