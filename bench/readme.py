@@ -30,7 +30,7 @@ SKIP = [
     (r"--nproc_per_node=8|--nnodes|/shared/", "GPUs"),
     (r"^gpt2train bench$|--n-layer 4 --n-head 4", "minutes to hours per variant on a CPU"),
     (r"--preset gpt2-fast", "GPT-2 124M, or a 4-layer model's run to its target: hours on a CPU"),
-    (r"bench/gpu\.sh|pip download|pytest", "a GPU, the network, or the test suite (run by CI)"),
+    (r"bench/gpu\.(sh|py)|pip download|pytest", "a GPU (or minutes on a CPU), the network, or the test suite (run by CI)"),
     (r"\.venv/bin/python bench/(train|startup|recipe)\.py", "a benchmark set: many minutes to hours on a CPU"),
 ]
 # Commands the README says end otherwise than with status 0.
@@ -48,7 +48,7 @@ def commands(readme: str) -> list[tuple[str, str]]:
         elif lang == "bash":
             for line in body.replace("\\\n", " ").splitlines():
                 line = re.sub(r"\s+#.*$", "", line).strip()
-                if line.startswith(("gpt2train ", ".venv/bin/", "bash ", "GPU_SH", "pip ")) or line == "gpt2train train":
+                if line.startswith(("gpt2train ", ".venv/bin/", "bash ", "pip ")) or line == "gpt2train train":
                     found.append(("run", re.sub(r"\s+", " ", line)))
     return found
 
