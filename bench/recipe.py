@@ -16,7 +16,6 @@ the ratios the targets in BENCHMARKS.md are stated in.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import statistics
 import subprocess
@@ -25,11 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from gpt2train.training.report import parse_step_lines
+
 PROXY = ["--device", "cpu", "--dtype", "float32", "--n-layer", "2", "--n-head", "4", "--n-embd", "128",
          "--block-size", "64", "--seq-len", "64", "--batch-size", "8", "--train-tokens", "8192"]
 RECIPES = {"seed": [], "adamw-fast": ["--preset", "gpt2-fast", "--optimizer", "adamw"], "fast": ["--preset", "gpt2-fast"]}
-STEP = re.compile(r"^step (\d+) \| loss: (\S+) \|", re.MULTILINE)
 
 
 def steps_to_target(recipe: list[str], shape: list[str], seed: int) -> tuple[int | None, float]:
@@ -41,7 +40,7 @@ def steps_to_target(recipe: list[str], shape: list[str], seed: int) -> tuple[int
                                "--eval-interval", "0", "--log-interval", "100000", "--run-dir", str(work / "run"),
                                "--out-dir", str(work / "out")], capture_output=True, text=True, cwd=work)
         seconds = time.perf_counter() - started
-        steps = [int(s) for s, _ in STEP.findall(done.stdout)]
+        steps = [s.step for s in parse_step_lines(done.stdout)]
         if done.returncode not in (0, 3) or not steps:
             raise RuntimeError(f"run failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         return (steps[-1] if done.returncode == 0 else None), seconds / steps[-1]

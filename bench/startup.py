@@ -18,13 +18,12 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, TARGET_LINE, Launched, child_env
+
 PYTHON = sys.executable
 CPU = ["--device", "cpu", "--dtype", "float32"]
 COMMANDS = {
@@ -33,24 +32,18 @@ COMMANDS = {
     "plain": [PYTHON, str(ROOT / "bench" / "plain_step.py"), "plain_model"],
     "tiny": [PYTHON, "-m", "gpt2train", "train", "--preset", "tiny", *CPU],
 }
-MARKS = {"saved": ("Final model saved at:", "saved"), "target": ("Target loss achieved!",)}
+MARKS = {"saved": ("Final model saved at:", "saved"), "target": TARGET_LINE}
 
 
 def timed(command: list[str], env: dict) -> dict[str, float]:
     """Seconds from launch to the first line starting with each mark, and to exit, in a fresh directory."""
     work = Path(tempfile.mkdtemp(prefix="gpt2train-startup-"))
     try:
-        started = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        seen = {}
-        for line in proc.stdout:
-            for mark, prefixes in MARKS.items():
-                if mark not in seen and line.startswith(prefixes):
-                    seen[mark] = time.perf_counter() - started
-        if proc.wait() != 0:
-            raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}")
-        seen["exit"] = time.perf_counter() - started
-        return seen
+        run = Launched(command, cwd=work, env=env)
+        if run.wait() != 0:
+            raise RuntimeError(f"{' '.join(command)} exited with {run.proc.returncode}:\n{run.text}")
+        seen = {mark: seconds for mark, prefixes in MARKS.items() if (seconds := run.first(prefixes)) is not None}
+        return {**seen, "exit": run.exit_s}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -61,8 +54,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of every process (default: all cores)")
     args = parser.parse_args()
     cores = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(cores),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env = child_env(OMP_NUM_THREADS=str(cores))
     timed(COMMANDS["tiny"], env)  # fills the token cache, as any earlier run would have
     runs: dict[str, list[dict]] = {name: [] for name in COMMANDS}
     for round_ in range(args.rounds):

@@ -20,10 +20,10 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict
 
 import torch
+from common import TARGET_LINE, Launched
 
 from gpt2train.bench import run_in_subprocess
 from gpt2train.runtime import cpu_has_bf16_matmul
@@ -64,18 +64,14 @@ def time_variant(flags: list[str], variant: str, steps: int, warmup: int) -> dic
 
 
 def time_to_target(flags: list[str]) -> float:
-    """Seconds from launch to the `Target loss achieved` line."""
+    """Seconds from launch to the `Target loss achieved!` line."""
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "gpt2train", "train", *flags, "--run-dir", f"{tmp}/run",
-                                 "--out-dir", f"{tmp}/out", "--log-interval", "100"], stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            if line.startswith("Target loss achieved"):
-                seconds = time.perf_counter() - start
-                break
-        else:
-            sys.exit(f"gpt2train train {' '.join(flags)} ended without reaching its target")
-        proc.wait()
+        run = Launched([sys.executable, "-m", "gpt2train", "train", *flags, "--run-dir", f"{tmp}/run",
+                        "--out-dir", f"{tmp}/out", "--log-interval", "100"])
+        run.wait()
+    seconds = run.first(TARGET_LINE)
+    if seconds is None:
+        sys.exit(f"gpt2train train {' '.join(flags)} ended without reaching its target:\n{run.text}")
     return seconds
 
 

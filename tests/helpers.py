@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpt2train.config import resolve_config
+from gpt2train.training.report import parse_step_lines
 
 # A paragraph of real English: enough distinct tokens to be a corpus, small enough to memorise.
 SMALL_TEXT = (
@@ -27,13 +28,9 @@ TINY = dict(device="cpu", dtype="float32", n_layer=1, n_head=2, n_embd=32, block
 TINY_FLAGS = [item for key, value in TINY.items() for item in (f"--{key.replace('_', '-')}", str(value))]
 
 
-# A step's log line: its number, loss and best loss as printed.
-STEP = re.compile(r"^step (\d+) \| loss: (\S+) \| best_loss: (\S+) \|", re.MULTILINE)
-
-
 def logged_losses(stdout: str) -> dict[int, tuple[str, str]]:
     """step -> (loss, best_loss) as printed."""
-    return {int(step): (loss, best) for step, loss, best in STEP.findall(stdout)}
+    return {s.step: (s.loss, s.best_loss) for s in parse_step_lines(stdout)}
 
 
 def quiet(config):

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import STEP, TINY_FLAGS, logged_losses, run_cli, start_and_wait_for
+from helpers import TINY_FLAGS, logged_losses, run_cli, start_and_wait_for
 
 from gpt2train import load_model
 from gpt2train.checkpoint import list_checkpoints
+from gpt2train.training.report import parse_step_lines
 
 # Two blocks, so that FSDP has more than one unit to shard; a target never reached, so runs go on to max steps.
 FLAGS = [*TINY_FLAGS, "--n-layer", "2", "--max-steps", "60", "--log-interval", "1", "--checkpoint-interval", "10",
@@ -78,7 +79,7 @@ def test_two_ranks_of_batch_4_train_as_one_rank_of_batch_8(one_rank_batch_8, two
     stdout, losses = two_ranks
     assert "tokens per step: 256 (4 x 32 x 2 ranks)" in stdout
     # Rank 0 alone prints: every step line appears once.
-    assert sorted(int(s) for s, _, _ in STEP.findall(stdout)) == list(range(1, 61))
+    assert [s.step for s in parse_step_lines(stdout)] == list(range(1, 61))
     assert_close(losses, one_rank_batch_8, range(1, 21), rtol=1e-4)
     assert losses[20] < losses[1] * 0.8  # it is learning, not just agreeing
 
@@ -98,7 +99,7 @@ def test_all_ranks_stop_at_the_target_together_and_one_final_model_is_written(tm
     result = torchrun(*run_args(tmp_path, small_corpus, "--target-loss", "2.0", "--max-steps", "300"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("Target loss achieved!") == 1
-    reached = max(int(s) for s, _, _ in STEP.findall(result.stdout))
+    reached = max(logged_losses(result.stdout))
     assert float(logged_losses(result.stdout)[reached][0]) < 2.0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["final_model.pt"]
     assert list_checkpoints(tmp_path / "run")[-1].name == f"step_{reached:08d}.pt"

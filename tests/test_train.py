@@ -8,6 +8,7 @@ from helpers import final_model_without_run, tiny_config
 
 from gpt2train import GPT, GPTConfig, load_model, train
 from gpt2train.training.loop import Trainer
+from gpt2train.training.report import parse_step_lines
 
 STEP_LINE = re.compile(r"^step \d+ \| loss: \d+\.\d{4} \| best_loss: \d+\.\d{4} \| time: \d+\.\d{2}s$")
 
@@ -37,6 +38,9 @@ def test_log_lines_follow_the_seed_format(trained):
     logged_steps = [int(line.split()[1]) for line in step_lines]
     assert logged_steps[:-1] == list(range(config.log_interval, result.steps, config.log_interval))
     assert logged_steps[-1] == result.steps  # the step that reached the target is always shown
+    read_back = parse_step_lines("\n".join(lines))  # what the tests and benchmarks read runs' output with
+    assert [s.step for s in read_back] == logged_steps
+    assert (read_back[-1].loss, read_back[-1].best_loss) == (f"{result.losses[-1]:.4f}", f"{result.best_loss:.4f}")
     tail = lines[lines.index(step_lines[-1]) + 1 :]
     assert tail[:3] == [
         f"Target loss achieved! Best loss: {result.best_loss:.6f}",

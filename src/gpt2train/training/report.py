@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +34,24 @@ ESTIMATE_SECONDS = 30.0
 
 def step_line(step: int, loss: float, best_loss: float, seconds: float) -> str:
     return f"step {step} | loss: {loss:.4f} | best_loss: {best_loss:.4f} | time: {seconds:.2f}s"
+
+
+class LoggedStep(NamedTuple):
+    """A step line read back, its figures as printed: runs that trained alike print the same text."""
+
+    step: int
+    loss: str
+    best_loss: str
+    seconds: str
+
+
+# step_line's reader, kept beside it so that the two cannot drift apart.
+_STEP_LINE = re.compile(r"^step (\d+) \| loss: (\S+) \| best_loss: (\S+) \| time: (\S+)s$", re.MULTILINE)
+
+
+def parse_step_lines(text: str) -> list[LoggedStep]:
+    """Every step line in a run's output, in order (other lines are skipped)."""
+    return [LoggedStep(int(step), *rest) for step, *rest in _STEP_LINE.findall(text)]
 
 
 def val_line(step: int, val: EvalResult) -> str:
