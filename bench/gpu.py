@@ -25,6 +25,9 @@ reported FAIL and the others still run):
      last checkpoints (the runs end at max steps, so they write no final model) (det-*.log).
   d. `python -m pytest -m gpu -q` (with -n 4 where pytest-xdist is installed), alongside part c, which
      times nothing (pytest.log).
+  e. HellaSwag scoring: bench/hellaswag.py on GPT-2 124M in bf16 over 10,042 items of HellaSwag's shape
+     (the validation set's size; made from the built-in corpus, since the machine has no network),
+     against the 20 s target (hellaswag.log).
 Last, a Markdown table of every figure with PASS/FAIL against the targets, also in LOGDIR/summary.md.
 Exit status: 0 when every judged row passes, 1 otherwise.
 
@@ -74,6 +77,7 @@ class Plan:
     det_run: list[str]  # the determinism runs' model and device
     det_checkpoint: int  # the step after whose checkpoint run C is killed
     det_max: int
+    hellaswag: list[str]  # bench/hellaswag.py's flags
 
     @property
     def det_flags(self) -> list[str]:
@@ -85,7 +89,8 @@ class Plan:
 GPU = Plan(bench=["--device", "cuda"], bench_8=["--steps", "30", "--warmup", "8"],
            bench_32=["--batch-size", "32", "--steps", "15", "--warmup", "5"],
            target_run=[],  # all defaults: the seed's run
-           fast_run=["--preset", "gpt2-fast"], det_run=["--device", "cuda"], det_checkpoint=100, det_max=200)
+           fast_run=["--preset", "gpt2-fast"], det_run=["--device", "cuda"], det_checkpoint=100, det_max=200,
+           hellaswag=["--device", "cuda", "--dtype", "bfloat16", "--limit", "10042", "--skip-harness"])
 SMOKE = Plan(bench=["--device", "cpu", "--preset", "tiny"], bench_8=["--steps", "3", "--warmup", "2"],
              bench_32=["--batch-size", "32", "--steps", "2", "--warmup", "1"],
              target_run=["--device", "cpu", "--preset", "tiny", "--target-loss", "7.0"],
@@ -94,7 +99,8 @@ SMOKE = Plan(bench=["--device", "cpu", "--preset", "tiny"], bench_8=["--steps", 
              # The tests' model (seconds for 60 steps), so that runs side by side fit on a 2-core machine.
              det_run=["--device", "cpu", "--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                       "--block-size", "32", "--seq-len", "32", "--batch-size", "4"],
-             det_checkpoint=20, det_max=60)
+             det_checkpoint=20, det_max=60,
+             hellaswag=["--device", "cpu", "--dtype", "float32", "--limit", "2", "--skip-harness"])
 # A bench row's name is VARIANT or VARIANT+LEVER: gpt2train's variant with one lever's flags.
 LEVERS = {"fused": ["--fused-loss"], "blocks": ["--compile-blocks"], "graphs": ["--compile-mode", "reduce-overhead"],
           "autotune": ["--compile-mode", "max-autotune-no-cudagraphs"]}
@@ -102,6 +108,7 @@ ROWS = [("8x1024", "gpt2train"), ("8x1024", "compiled"), ("8x1024", "gpt2train+f
         ("8x1024", "gpt2train+graphs"), ("8x1024", "gpt2train-muon")]
 FULL_ROWS = [("32x1024", "gpt2train"), ("32x1024", "compiled"), ("8x1024", "gpt2train-deterministic"),
              ("8x1024", "gpt2train+autotune"), ("8x1024", "eager")]
+HELLASWAG_SECONDS = 20.0  # the whole validation set on one GPU
 # Time to target: (name, what the row says, the target in seconds).
 TARGET_RUNS = [("cold", "cold compile cache", 40.0), ("warm", "warm compile cache", 30.0),
                ("fast", "--preset gpt2-fast, warm cache", 15.0)]
@@ -368,6 +375,20 @@ def determinism_rows(table: Table, d: dict) -> None:
               d["ab_weights_equal"] is True and d["ac_weights_equal"] is True, gpu_only=False)
 
 
+def hellaswag_row(plan: Plan, budget: Budget, log: Path, table: Table) -> None:
+    budget.note("hellaswag")
+    run = Launched([PYTHON, ROOT / "bench" / "hellaswag.py", *plan.hellaswag], cwd=ROOT, log=log / "hellaswag.log",
+                   timeout=budget.left(120))
+    status = run.wait()
+    found = re.search(r"^gpt2train: ([\d.]+) items/s \(([\d.]+) s\)", run.text, re.MULTILINE)
+    if status != 0 or found is None:
+        table.no_result("HellaSwag scoring", status, "hellaswag.log")
+        return
+    items = plan.hellaswag[plan.hellaswag.index("--limit") + 1]
+    table.row(f"HellaSwag scoring, {items} items", f"{float(found[2]):.1f} s ({found[1]} items/s)",
+              f"<= {HELLASWAG_SECONDS:g} s", float(found[2]) <= HELLASWAG_SECONDS)
+
+
 def pytest_row(table: Table, status: int, output: str) -> None:
     counts = re.findall(r"(\d+ (?:passed|failed|skipped|errors?|deselected|xfailed|xpassed))", output)
     outcome = ", ".join(dict.fromkeys(counts[-6:])) if counts else "no summary"
@@ -426,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         (log / "det-compare.json").write_text(json.dumps(compared, indent=2) + "\n")
         determinism_rows(table, compared)
         pytest_row(table, tests.wait(), tests.text)
+        hellaswag_row(plan, budget, log, table)
     budget.note("summary")
     lines = summary(env, table)
     (log / "summary.md").write_text("\n".join(lines) + "\n")
