@@ -55,17 +55,15 @@ class Counts:
     items: int = 0
     acc: int = 0
     acc_norm: int = 0
-    acc_norm_completion: int = 0
+    acc_norm_completion: int | None = 0  # None: not scored
 
-    def __add__(self, other: Counts) -> Counts:
-        return Counts(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
-
-    def as_tuple(self) -> tuple[int, int, int, int]:
-        return self.items, self.acc, self.acc_norm, self.acc_norm_completion
+    def as_tuple(self) -> tuple[int, ...]:
+        return self.items, self.acc, self.acc_norm, self.acc_norm_completion or 0
 
     def accuracies(self) -> dict[str, float]:
         n = max(self.items, 1)
-        return {"acc": self.acc / n, "acc_norm": self.acc_norm / n, "acc_norm_completion": self.acc_norm_completion / n}
+        figures = {"acc": self.acc, "acc_norm": self.acc_norm, "acc_norm_completion": self.acc_norm_completion}
+        return {name: count / n for name, count in figures.items() if count is not None}
 
 
 def git_blob_id(data: bytes) -> str:
@@ -175,40 +173,45 @@ def _harness_pair(encode: Callable[[str], list[int]], context: str, continuation
     return Request(tuple(head), tuple(whole[len(head):]))
 
 
-def requests(items: Sequence[Item]) -> list[Request]:
-    """Per item, its 4 endings as the harness asks for them, then its 4 endings as build-nanogpt does
-    (the raw context, then " " + ending, encoded apart)."""
+def requests(items: Sequence[Item], completion: bool = True) -> list[Request]:
+    """Per item, its 4 endings as the harness asks for them, then (with `completion`) its 4 endings as
+    build-nanogpt does (the raw context, then " " + ending, encoded apart)."""
     encode = get_tokenizer().encode_ordinary
     out = []
     for item in items:
         query = harness_query(item)
         out += [_harness_pair(encode, query, " " + choice) for choice in harness_choices(item)]
-        context = tuple(encode(item.ctx))
-        out += [Request(context, tuple(encode(" " + ending))) for ending in item.endings]
+        if completion:
+            context = tuple(encode(item.ctx))
+            out += [Request(context, tuple(encode(" " + ending))) for ending in item.endings]
     return out
 
 
 def score(
     model: GPT, items: Sequence[Item], device: torch.device, dtype: torch.dtype = torch.float32,
-    batch_tokens: int = 0, progress: Callable[[int, int], None] | None = None,
+    batch_tokens: int = 0, progress: Callable[[int, int], None] | None = None, completion: bool = True,
 ) -> Counts:
     """How many items the model gets right, three ways:
     - acc: the ending with the highest log-likelihood (lm-evaluation-harness);
     - acc_norm: the highest log-likelihood per character of the ending (lm-evaluation-harness);
-    - acc_norm_completion: the lowest mean loss per token of the ending (build-nanogpt, llm.c).
+    - acc_norm_completion: the lowest mean loss per token of the ending (build-nanogpt, llm.c), unless
+      `completion` is False (half the work: the harness's two figures alone).
     `progress(done, total)` counts items."""
-    per_item = 2 * ENDINGS
-    asked = requests(items)
+    per_item = 2 * ENDINGS if completion else ENDINGS
+    asked = requests(items, completion)
     report = None if progress is None else lambda done, total: progress(done // per_item, len(items))
     scores = [s.logprob for s in loglikelihoods(model, asked, device, dtype, batch_tokens, report)]
-    counts = Counts(items=len(items))
+    counts = Counts(items=len(items), acc_norm_completion=0 if completion else None)
     for i, item in enumerate(items):
-        harness, completion = scores[i * per_item : i * per_item + ENDINGS], scores[i * per_item + ENDINGS : (i + 1) * per_item]
+        first = i * per_item
+        harness = scores[first : first + ENDINGS]
         lengths = [len(choice) for choice in harness_choices(item)]
-        tokens = [len(r.continuation) for r in asked[i * per_item + ENDINGS : (i + 1) * per_item]]
         counts.acc += _argmax(harness) == item.label
         counts.acc_norm += _argmax([s / n for s, n in zip(harness, lengths)]) == item.label
-        counts.acc_norm_completion += _argmax([s / n for s, n in zip(completion, tokens)]) == item.label
+        if completion:
+            tokens = [len(r.continuation) for r in asked[first + ENDINGS : first + per_item]]
+            per_token = [s / n for s, n in zip(scores[first + ENDINGS : first + per_item], tokens)]
+            counts.acc_norm_completion += _argmax(per_token) == item.label
     return counts
 
 
