@@ -150,8 +150,8 @@ def test_train_ends_without_the_interpreter_teardown_and_loses_no_output(tmp_pat
 
     # The checkpoint of the target step written slowly, so that an exit that did not wait for it would lose it.
     (tmp_path / "sitecustomize.py").write_text(
-        "import time\nfrom gpt2train.training import state\nwrite = state.save_checkpoint\n"
-        "state.save_checkpoint = lambda *a, **k: (time.sleep(2), write(*a, **k))[1]\n")
+        "import time\nfrom gpt2train.training import checkpoints\nwrite = checkpoints.save_checkpoint\n"
+        "checkpoints.save_checkpoint = lambda *a, **k: (time.sleep(2), write(*a, **k))[1]\n")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # stdout block-buffered
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-m", "gpt2train", "train", *TINY_FLAGS, "--data", str(small_corpus),

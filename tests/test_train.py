@@ -219,7 +219,7 @@ class FakeClock:
 
 
 def test_a_slow_first_step_gets_an_estimate_within_30_seconds():
-    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.clock import ESTIMATE_SECONDS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -234,7 +234,7 @@ def test_a_slow_first_step_gets_an_estimate_within_30_seconds():
 
 
 def test_fast_steps_are_estimated_after_eight_and_never_warned_about():
-    from gpt2train.training.report import ESTIMATE_STEPS, StepClock
+    from gpt2train.training.clock import ESTIMATE_STEPS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -245,7 +245,7 @@ def test_fast_steps_are_estimated_after_eight_and_never_warned_about():
 
 
 def test_a_first_step_done_but_no_estimate_due_at_30_seconds_gives_an_early_one():
-    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.clock import ESTIMATE_SECONDS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -258,7 +258,7 @@ def test_a_first_step_done_but_no_estimate_due_at_30_seconds_gives_an_early_one(
 
 
 def test_while_a_slow_first_step_runs_a_watch_prints_a_lower_bound(tmp_path, small_corpus):
-    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.clock import ESTIMATE_SECONDS, StepClock
 
     lines = []
     trainer = Trainer(tiny_config(tmp_path, small_corpus, preset="gpt2", max_steps=20000, warmup_steps=5),

@@ -26,7 +26,8 @@ from .parallel import FullModelState, FullOptimizerState
 from .prefetch import Prefetcher
 from .schedule import WarmupCosine, WarmupStableDecay, build_schedule
 from .start import RunLock, Start, claim_run_dir, start_run
-from .state import Checkpointer, RandomState, RunState
+from .checkpoints import Checkpointer
+from .state import RandomState, RunState
 from .step import Stepper, build_stepper
 
 
