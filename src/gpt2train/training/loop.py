@@ -19,12 +19,14 @@ from ..errors import UserError
 from ..evaluate import EvalResult, evaluate
 from ..metrics import RunRecorder
 from ..model import GPT
+from ..runtime import process_age
 from . import distributed
 from .clock import StepClock, estimate_line
 from .distributed import world_from_env
 from .outcome import Outcome
 from .report import closing_lines, final_model_lost, opening_lines, startup_line, target_checkpoint_lost
-from .setup import build_run
+from .resume import resolve_run
+from .setup import Laps, build_run
 from .signals import StopRequests
 from .step import Batches, Flags, PendingStep, Pipeline
 
@@ -88,7 +90,10 @@ class Trainer:
         self.log = self._say if world.is_main else quiet  # rank 0 alone speaks
         self.stop = StopRequests()
         self.debug = debug
-        self.setup = s = build_run(config, world)
+        lap = Laps({"process start-up and imports": process_age()})
+        plan = resolve_run(config, world)  # first: which run, resumed or new, before anything is built
+        lap("decided how the run starts")
+        self.setup = s = build_run(plan, world, lap)
         self.config = config = s.config
         self.lag = 1 if s.device.type == "cuda" else 0  # a GPU's host reads each step while the next one runs
         self.step = s.step

@@ -46,9 +46,9 @@ def opening_lines(setup: Setup) -> list[str]:
     if s.device.type == "cpu" and s.dtype == torch.float16:
         lines.append("warning: this CPU computes float16 in software, many times slower than float32: "
                      "--dtype float32 (or bfloat16 on CPUs with AMX or AVX-512 BF16) trains faster")
-    if s.start.saved is not None:
-        lines.append(f"resumed from {s.start.checkpoint} at step {s.step:,} (best loss {s.monitor.best_loss:.6f})")
-        lines += [f"changed on resume: {change}" for change in s.start.changes]
+    if s.plan.resumed:
+        lines.append(f"resumed from {s.plan.checkpoint} at step {s.step:,} (best loss {s.monitor.best_loss:.6f})")
+        lines += [f"changed on resume: {change}" for change in s.plan.changes]
     elif config.init_from:
         lines.append(f"initialized from {config.init_from}")
     return lines
