@@ -57,6 +57,10 @@ class TrainResult:
     def reached_target(self) -> bool:
         return self.status == Outcome.TARGET_REACHED
 
+    @property
+    def exit_status(self) -> int:
+        return self.status.exit_status(self.signal_number)
+
 
 def train(config: TrainConfig, log: Log = print_flush, debug: bool = False) -> TrainResult:
     """Train until the training loss first drops below config.target_loss, or max_steps pass.
