@@ -24,7 +24,9 @@ from . import distributed
 from .clock import StepClock, estimate_line
 from .distributed import world_from_env
 from .outcome import Outcome
-from .report import closing_lines, final_model_lost, opening_lines, startup_line, target_checkpoint_lost
+from .report import (
+    closing_lines, final_model_lost, opening_lines, startup_line, step_line, target_checkpoint_lost, task_line, val_line,
+)
 from .resume import resolve_run
 from .setup import Laps, build_run
 from .signals import StopRequests
@@ -97,7 +99,7 @@ class Trainer:
         lap = Laps({"process start-up and imports": process_age()})
         plan = resolve_run(config, world)  # first: which run, resumed or new, before anything is built
         lap("decided how the run starts")
-        self.setup = s = build_run(plan, world, lap)
+        self.parts = s = build_run(plan, world, lap)
         self.config = config = s.config
         self.lag = 1 if s.device.type == "cuda" else 0  # a GPU's host reads each step while the next one runs
         self.step = s.step
@@ -122,14 +124,14 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of the run directory and stop the data thread; run() does it when it ends."""
-        if self.setup.lock is not None:
-            self.setup.lock.release()
-        if hasattr(self.setup.sampler, "close"):
-            self.setup.sampler.close()
+        if self.parts.lock is not None:
+            self.parts.lock.release()
+        if hasattr(self.parts.sampler, "close"):
+            self.parts.sampler.close()
 
     def run(self) -> TrainResult:
         """Step until the target, max_steps, too many bad steps or a stop signal."""
-        s, config, monitor = self.setup, self.config, self.setup.monitor
+        s, config, monitor = self.parts, self.config, self.parts.monitor
         pipeline = Pipeline(s.stepper, self.lag)
         self.log(s.checkpointer.describe())
         self.clock.start()
@@ -187,7 +189,7 @@ class Trainer:
             return self._end(outcome, done)
 
     def _batches(self) -> Batches:
-        s = self.setup
+        s = self.parts
         return [tuple(t.to(s.device, non_blocking=True) for t in s.sampler.next_batch())
                 for _ in range(self.config.grad_accum)]
 
@@ -198,7 +200,7 @@ class Trainer:
                     "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
         measured.update({f"{task}_{name}": value for task, accuracies in tasks.items()
                          for name, value in accuracies.items()})
-        self.recorder.record(step, loss=loss, best_loss=self.setup.monitor.best_loss, lr=self.setup.schedule.lr(step),
+        self.recorder.record(step, loss=loss, best_loss=self.parts.monitor.best_loss, lr=self.parts.schedule.lr(step),
                              grad_norm=grad_norm, step_time=seconds,
                              tokens_per_s=self.config.tokens_per_step * self.world.size / seconds, **measured)
 
@@ -216,10 +218,10 @@ class Trainer:
             self._say_estimate(per_step, step)
 
     def _say_estimate(self, per_step: float, step: int, kind: str = "measured") -> None:
-        self.log(estimate_line(self.config, self.setup.device, per_step, step, kind))
+        self.log(estimate_line(self.config, self.parts.device, per_step, step, kind))
 
     def _evaluate(self) -> EvalResult | None:
-        s = self.setup
+        s = self.parts
         if len(s.corpus.val) < 2:
             return None
         val = evaluate(s.model, s.corpus.val, self.config.seq_len, self.config.batch_size, s.device, s.dtype,
@@ -231,7 +233,7 @@ class Trainer:
         """HellaSwag's accuracies, each rank scoring its share of the items. The model runs as it is,
         uncompiled and in eval mode (compiled blocks too), so the training step's compiled code is
         neither used nor recompiled; scoring draws no random numbers, so training goes on unchanged."""
-        s = self.setup
+        s = self.parts
         with torch.compiler.set_stance("force_eager"):
             counts = hellaswag.score(s.model, s.task_items, s.device, s.dtype)
         total = distributed.sum_(torch.tensor(counts.as_tuple(), device=s.device), self.world)
@@ -240,7 +242,7 @@ class Trainer:
     def _end(self, outcome: Outcome, last: PendingStep | None) -> TrainResult:
         """Finish the run as `outcome` says, after step `last`: the saves it calls for, its closing
         lines, and its records closed."""
-        s, config, step = self.setup, self.config, self.step
+        s, config, step = self.parts, self.config, self.step
         s.stepper.discard()  # a step queued after the last one read is never applied
         best = self._best()
         if outcome == Outcome.TARGET_REACHED:
@@ -274,19 +276,5 @@ class Trainer:
 
     def _best(self) -> float:
         """The best value of the loss the target applies to."""
-        monitor = self.setup.monitor
+        monitor = self.parts.monitor
         return monitor.best_val_loss if self.config.target_metric == "val" else monitor.best_loss
-
-
-def step_line(step: int, loss: float, best_loss: float, seconds: float) -> str:
-    return f"step {step} | loss: {loss:.4f} | best_loss: {best_loss:.4f} | time: {seconds:.2f}s"
-
-
-def val_line(step: int, val: EvalResult) -> str:
-    return (f"step {step} | val_loss: {val.loss:.4f} | val_perplexity: {val.perplexity:.2f} | "
-            f"val_bits_per_byte: {val.bits_per_byte:.4f}")
-
-
-def task_line(step: int, task: str, accuracies: dict[str, float]) -> str:
-    a = accuracies
-    return f"step {step} | {task} acc_norm: {a['acc_norm']:.4f} | acc: {a['acc']:.4f} | completion: {a['acc_norm_completion']:.4f}"

@@ -1,4 +1,4 @@
-"""What a run says at its start and at its end: the header, and the closing lines of each way it ends."""
+"""What a run says: its header, each step's lines, and the closing lines of each way it ends."""
 
 from __future__ import annotations
 
@@ -9,16 +9,31 @@ import torch
 
 from ..checkpoint import latest_checkpoint
 from ..config import TrainConfig
+from ..evaluate import EvalResult
 from ..runtime import dtype_name
 from .checkpoints import EndSaves
 from .distributed import World
 from .outcome import Outcome
-from .setup import Setup
+from .setup import RunParts
 
 
-def opening_lines(setup: Setup) -> list[str]:
+def step_line(step: int, loss: float, best_loss: float, seconds: float) -> str:
+    return f"step {step} | loss: {loss:.4f} | best_loss: {best_loss:.4f} | time: {seconds:.2f}s"
+
+
+def val_line(step: int, val: EvalResult) -> str:
+    return (f"step {step} | val_loss: {val.loss:.4f} | val_perplexity: {val.perplexity:.2f} | "
+            f"val_bits_per_byte: {val.bits_per_byte:.4f}")
+
+
+def task_line(step: int, task: str, accuracies: dict[str, float]) -> str:
+    a = accuracies
+    return f"step {step} | {task} acc_norm: {a['acc_norm']:.4f} | acc: {a['acc']:.4f} | completion: {a['acc_norm_completion']:.4f}"
+
+
+def opening_lines(parts: RunParts) -> list[str]:
     """The header: the process, the model, the data and the run; then where a resumed run goes on from."""
-    s, config, m = setup, setup.config, setup.config.model
+    s, config, m = parts, parts.config, parts.config.model
     batch = f"{config.batch_size} x {config.seq_len}"
     if config.grad_accum > 1:
         batch += f" x {config.grad_accum} micro-steps"

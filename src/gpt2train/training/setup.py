@@ -8,32 +8,32 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import hellaswag
 from ..config import TrainConfig
 from ..corpus import Corpus, load_corpus
 from ..data import SAMPLERS, Sampler
 from ..errors import UserError
 from ..hf import read_hf_model
-from .. import hellaswag
 from ..model import GPT
 from ..runtime import (
     check_fits, configure_backends, fit_threads_to_free_cores, import_in_background, resolve_device, resolve_dtype,
     seed_everything, skip_init, start_device,
 )
 from . import distributed
+from .checkpoints import Checkpointer
 from .distributed import World
 from .monitor import LossMonitor
 from .parallel import FullModelState, FullOptimizerState
 from .prefetch import Prefetcher
-from .schedule import WarmupCosine, WarmupStableDecay, build_schedule
 from .resume import RunPlan
 from .rundir import RunLock, claim_run_dir
-from .checkpoints import Checkpointer
+from .schedule import WarmupCosine, WarmupStableDecay, build_schedule
 from .state import RandomState, RunState
 from .step import Stepper, build_stepper
 
 
 @dataclass
-class Setup:
+class RunParts:
     """Everything a run is made of, ready for its first step."""
 
     config: TrainConfig  # for a resumed run, the checkpoint's config with the given settings on top
@@ -69,7 +69,7 @@ def build_model(config: TrainConfig, device: torch.device, new: bool) -> GPT:
     return model
 
 
-def build_run(plan: RunPlan, world: World, lap: Laps) -> Setup:
+def build_run(plan: RunPlan, world: World, lap: Laps) -> RunParts:
     """Set up the run `plan` decided on, new or resumed; refused, before anything on disk changes, if
     it must be. `lap` times each part."""
     config = plan.config
@@ -119,7 +119,7 @@ def build_run(plan: RunPlan, world: World, lap: Laps) -> Setup:
     step = checkpointer.restore(plan.saved, plan.checkpoint) if plan.resumed else 0
     lock = claim_run_dir(config, plan.resumed, world)  # the first change on disk: every refusal came before
     lap("step, state and run directory")
-    return Setup(config, world, plan, device, dtype, corpus, len(tokens), sampler, task_items, model, stepper, schedule,
+    return RunParts(config, world, plan, device, dtype, corpus, len(tokens), sampler, task_items, model, stepper, schedule,
                  monitor, state, checkpointer, step, lock, notes, lap.timings)
 
 
