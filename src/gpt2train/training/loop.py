@@ -144,9 +144,8 @@ class Trainer:
                 for queued in range(self.step + 1, config.max_steps + 1 + self.lag):
                     if queued <= config.max_steps:
                         position = s.state.position() if self.lag else None  # to go back to, should it be dropped
-                        batches, lr = self._batches(), s.schedule.lr(queued)
                         flags = Flags(stop=self.stop.signal_number is not None, checkpoint=s.checkpointer.due(queued))
-                        done = pipeline.push(queued, batches, lr, flags, position)
+                        done = pipeline.push(queued, self._batches(), s.schedule.lr(queued), flags, position)
                     else:
                         done = pipeline.flush()
                     if done is None:
