@@ -88,7 +88,7 @@ class Plan:
 
 GPU = Plan(bench=["--device", "cuda"], bench_8=["--steps", "30", "--warmup", "8"],
            bench_32=["--batch-size", "32", "--steps", "15", "--warmup", "5"],
-           target_run=[],  # all defaults: the seed's run
+           target_run=[],  # all defaults: the default run
            fast_run=["--preset", "gpt2-fast"], det_run=["--device", "cuda"], det_checkpoint=100, det_max=200,
            hellaswag=["--device", "cuda", "--dtype", "bfloat16", "--limit", "10042", "--skip-harness"])
 SMOKE = Plan(bench=["--device", "cpu", "--preset", "tiny"], bench_8=["--steps", "3", "--warmup", "2"],

@@ -1,4 +1,4 @@
-"""Steps to the seed's target (training loss < 0.099999) for each recipe, over several seeds.
+"""Steps to the default target (training loss < 0.099999) for each recipe, over several seeds.
 
     .venv/bin/python bench/recipe.py                 # the CPU proxy: about 2 hours on a 2-core CPU
     .venv/bin/python bench/recipe.py --gpu           # GPT-2 124M on the built-in corpus, on a CUDA GPU

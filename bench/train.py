@@ -5,12 +5,12 @@ and decoding with the KV cache. Prints Markdown for BENCHMARKS.md (--json for th
     python bench/train.py --only gpu --steps 50
 
 Sets: on the CPU, the tiny preset and a 4-layer, 256-wide model at batch 8 x 256; on a GPU, GPT-2
-124M at the seed's batch 8 x 1024 and at 32 x 1024. Each variant of a set runs in a process of its
+124M at the default batch 8 x 1024 and at 32 x 1024. Each variant of a set runs in a process of its
 own, one after the other, so that the ratios compare steps timed minutes apart on the same machine.
 On a CPU without bf16 matrix instructions bf16 is emulated, about a hundred times slower than
 fp32, so the eager-bf16 baseline is timed over fewer steps (--bf16-steps).
 Time to target is the wall time from launching `gpt2train train` to its `Target loss achieved` line,
-start-up and compilation included: the tiny preset on the CPU, the seed's run on a GPU.
+start-up and compilation included: the tiny preset on the CPU, the default run on a GPU.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def markdown(kind: str, results: dict) -> list[str]:
                          f"{r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | {r['mfu']:.1%} | {r['peak_memory_mb']:,.0f} | "
                          f"{ratio} |")
         lines.append("")
-    lines.append(f"Time to target ({'tiny preset on the CPU' if kind == 'cpu' else 'the seed run'}): "
+    lines.append(f"Time to target ({'tiny preset on the CPU' if kind == 'cpu' else 'the default run'}): "
                  f"{results['time_to_target_s']:.1f} s from launch, start-up included.")
     lines += ["", "Decoding:", "", "```", *results["decoding"], "```", ""]
     return lines

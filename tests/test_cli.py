@@ -76,7 +76,7 @@ def test_sample_from_missing_model_is_a_user_error(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
-def test_default_124m_one_step_writes_an_fp16_model_the_seed_snippet_loads(tmp_path):
+def test_default_124m_one_step_writes_an_fp16_model_the_default_recipes_snippet_loads(tmp_path):
     # The one test that builds the full 124M model: the README's acceptance command.
     result = run_cli("train", "--max-steps", "1", "--target-loss", "100", "--batch-size", "1",
                      "--seq-len", "64", "--device", "cpu", "--dtype", "float32", cwd=tmp_path)
@@ -132,9 +132,9 @@ def test_training_into_a_closed_pipe_saves_a_checkpoint_and_stops(tmp_path, smal
 
 
 def test_eval_and_bench_say_how_far_they_are_off_a_terminal(tmp_path, monkeypatch, capsys):
-    import gpt2train.cli
+    import gpt2train.progress
 
-    monkeypatch.setattr(gpt2train.cli, "PROGRESS_AFTER_SECONDS", 0.0)  # as if it had run long already
+    monkeypatch.setattr(gpt2train.progress, "PROGRESS_AFTER_SECONDS", 0.0)  # as if it had run long already
     code, _, err = cli(capsys, "eval", "--model", save_tiny_model(tmp_path), "--device", "cpu", "--dtype", "float32",
                        "--max-tokens", "320", "--seq-len", "32", "--batch-size", "1")
     assert code == 0
@@ -150,8 +150,8 @@ def test_train_ends_without_the_interpreter_teardown_and_loses_no_output(tmp_pat
 
     # The checkpoint of the target step written slowly, so that an exit that did not wait for it would lose it.
     (tmp_path / "sitecustomize.py").write_text(
-        "import time\nfrom gpt2train.training import state\nwrite = state.save_checkpoint\n"
-        "state.save_checkpoint = lambda *a, **k: (time.sleep(2), write(*a, **k))[1]\n")
+        "import time\nfrom gpt2train.training import checkpoints\nwrite = checkpoints.save_checkpoint\n"
+        "checkpoints.save_checkpoint = lambda *a, **k: (time.sleep(2), write(*a, **k))[1]\n")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # stdout block-buffered
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-m", "gpt2train", "train", *TINY_FLAGS, "--data", str(small_corpus),

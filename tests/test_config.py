@@ -4,7 +4,7 @@ from gpt2train.config import TrainConfig, preset_config, resolve_config
 from gpt2train.errors import UserError
 
 
-def test_defaults_are_the_seed():
+def test_defaults_are_the_default_recipe():
     config = resolve_config()
     assert config == TrainConfig()
     assert (config.batch_size, config.seq_len, config.max_steps, config.warmup_steps) == (8, 1024, 20000, 2000)

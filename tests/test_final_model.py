@@ -194,7 +194,7 @@ def test_sample_eval_and_export_take_a_run_directory(unfinished_run, tmp_path):
     assert scored.returncode == 0 and "val loss" in scored.stdout, scored.stderr
     exported = run_cli("export", "--model", run_dir, "--format", "pt", "--out", tmp_path / "m")
     assert exported.returncode == 0, exported.stderr
-    contents = torch.load(tmp_path / "m" / "final_model.pt", weights_only=True)  # the seed's fp16 file
+    contents = torch.load(tmp_path / "m" / "final_model.pt", weights_only=True)  # the default recipe's fp16 file
     assert all(t.dtype == torch.float16 for t in contents["model_state_dict"].values())
     assert contents["step"] == 6 and contents["run"]["dir"] == str(run_dir.resolve())
     again = run_cli("export", "--model", run_dir, "--format", "pt", "--out", tmp_path / "m")

@@ -104,7 +104,7 @@ def test_the_target_checkpoint_is_written_while_the_records_close_and_the_run_wa
     from helpers import quiet, tiny_config
 
     from gpt2train import train
-    from gpt2train.training.state import Checkpointer
+    from gpt2train.training.checkpoints import Checkpointer
 
     written, real_write = [], Checkpointer.write
 

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import TINY_FLAGS
+from helpers import TINY_FLAGS, write_hellaswag
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import gpu  # noqa: E402
@@ -29,7 +29,7 @@ def test_a_launched_command_is_stamped_and_stopped_whole_at_its_limit(tmp_path):
 
 def test_the_determinism_part_passes_on_the_tests_model(tmp_path, small_corpus):
     plan = gpu.Plan(bench=[], bench_8=[], bench_32=[], target_run=[], fast_run=[],
-                    det_run=[*TINY_FLAGS, "--data", str(small_corpus)], det_checkpoint=4, det_max=12)
+                    det_run=[*TINY_FLAGS, "--data", str(small_corpus)], det_checkpoint=4, det_max=12, hellaswag=[])
     (tmp_path / "log").mkdir()
     (tmp_path / "work").mkdir()
     compared = gpu.determinism(plan, gpu.Budget(600), tmp_path / "log", tmp_path / "work")
@@ -81,3 +81,20 @@ def test_a_run_that_missed_its_target_fails_its_row():
     gpu.target_rows(table, {"cold": in_time, "warm": late, "fast": missed})
     assert table.failed == ["time to target, warm compile cache", "time to target, --preset gpt2-fast, warm cache"]
     assert "target not reached (exit 124, timed out" in table.rows[-1]
+
+
+def test_the_hellaswag_row_times_the_scoring_of_its_items(tmp_path):
+    import torch
+
+    from gpt2train.final_model import save_final_model
+    from gpt2train.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    save_final_model(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)), tmp_path / "model.pt", 1, 1.0)
+    flags = ["--model", str(tmp_path / "model.pt"), "--data", str(write_hellaswag(tmp_path / "hs.jsonl")),
+             "--device", "cpu", "--limit", "3", "--skip-harness"]
+    plan = gpu.Plan(bench=[], bench_8=[], bench_32=[], target_run=[], fast_run=[], det_run=[], det_checkpoint=0,
+                    det_max=0, hellaswag=flags)
+    table = gpu.Table(smoke=False)
+    gpu.hellaswag_row(plan, gpu.Budget(120), tmp_path, table)
+    assert table.rows[0].startswith("| HellaSwag scoring, 3 items | ") and table.rows[0].endswith("| <= 20 s | PASS |")

@@ -26,7 +26,7 @@ from gpt2train.errors import UserError
 from gpt2train.final_model import save_final_model
 from gpt2train.hf import export_hf, read_hf_model
 from gpt2train.tokenizer import EOT_ID, GPT2_VOCAB_SIZE
-from gpt2train.training.start import resume_changes
+from gpt2train.training.resume import resume_changes
 
 PROMPT = [464, 2068, 7586, 21831]  # "The quick brown fox"
 

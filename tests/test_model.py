@@ -6,7 +6,7 @@ import torch
 from gpt2train import GPT, GPTConfig
 
 
-def test_default_config_is_the_seed_model():
+def test_default_config_is_the_default_recipes_model():
     config = GPTConfig()
     assert (config.n_layer, config.n_head, config.n_embd) == (12, 12, 768)
     assert (config.block_size, config.vocab_size) == (1024, 50304)
@@ -59,7 +59,7 @@ def test_changing_a_later_token_never_changes_earlier_logits():
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
-def test_config_accepts_a_mapping_positionally_as_the_seed_snippet_does():
+def test_config_accepts_a_mapping_positionally_as_the_default_recipes_snippet_does():
     d = GPTConfig(n_layer=3, n_embd=48, n_head=4).to_dict()
     assert GPTConfig(d) == GPTConfig(**d)
     assert GPTConfig(d).n_layer == 3

@@ -13,7 +13,7 @@ def seed_lr(done):
     return SEED.lr(done + 1)
 
 
-def test_lr_schedule_at_the_seed_milestones():
+def test_lr_schedule_at_the_default_recipes_milestones():
     assert seed_lr(0) == pytest.approx(6e-4 / 2000)
     assert seed_lr(1999) == pytest.approx(6e-4)  # warmup ends at the peak
     assert seed_lr(2000) == pytest.approx(6e-4)  # cosine starts at the peak
@@ -72,7 +72,7 @@ def test_muon_takes_exactly_the_blocks_matrices_and_adamw_everything_else_once()
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
 
 
-def test_the_seed_recipe_is_still_the_default():
+def test_the_default_recipe_is_still_the_default():
     from gpt2train.config import resolve_config
     from gpt2train.training.optim import build_optimizers
     from gpt2train.training.schedule import build_schedule

@@ -218,7 +218,7 @@ def test_a_run_asked_to_be_deterministic_is(tmp_path, small_corpus, deterministi
 
 def test_deterministic_may_change_on_resume():
     from gpt2train.config import TrainConfig
-    from gpt2train.training.start import RESUME_LOCKED_KEYS
+    from gpt2train.training.resume import RESUME_LOCKED_KEYS
 
     assert TrainConfig().deterministic is False
     assert "deterministic" not in RESUME_LOCKED_KEYS

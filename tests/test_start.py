@@ -13,7 +13,7 @@ from helpers import TINY_FLAGS, cli, quiet, start_and_wait_for, tiny_config
 
 from gpt2train.checkpoint import list_checkpoints, save_checkpoint
 from gpt2train.errors import UserError
-from gpt2train.training.start import RunLock
+from gpt2train.training.rundir import RunLock
 
 
 def test_a_second_run_in_the_same_run_directory_is_refused_until_the_first_ends(tmp_path, small_corpus, capsys):

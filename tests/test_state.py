@@ -7,7 +7,8 @@ from helpers import tiny_config
 
 from gpt2train import train
 from gpt2train.checkpoint import read_checkpoint
-from gpt2train.training.state import Checkpointer, RandomState, RunState
+from gpt2train.training.checkpoints import Checkpointer
+from gpt2train.training.state import RandomState, RunState
 
 
 class Counter:
@@ -50,15 +51,15 @@ def test_automatic_checkpoints_come_after_a_minute_of_training_then_every_ten(tm
     checkpointer = Checkpointer(config, RunState(), "run", {}, clock=clock)
     checkpointer.start()
     clock.now = 59.0
-    assert not checkpointer.should_save(100)
+    assert not checkpointer.due(100)
     clock.now = 60.0
-    assert checkpointer.should_save(101)  # the first within about a minute, whatever the step time
+    assert checkpointer.due(101)  # the first within about a minute, whatever the step time
     checkpointer.last_saved, checkpointer.saved = clock.now, True  # as write() records it
     clock.now = 60.0 + 599.0
-    assert not checkpointer.should_save(5000)
+    assert not checkpointer.due(5000)
     clock.now = 60.0 + 600.0
-    assert checkpointer.should_save(5001)
-    assert not checkpointer.should_save(10_000)  # never at the last step: the end writes one anyway
+    assert checkpointer.due(5001)
+    assert not checkpointer.due(10_000)  # never at the last step: the end writes one anyway
     assert "checkpoints after 1 minute of training, then every 10 minutes" in checkpointer.describe()
 
 

@@ -16,7 +16,7 @@ STEP_LINE = re.compile(r"^step \d+ \| loss: \d+\.\d{4} \| best_loss: \d+\.\d{4} 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_corpus):
     tmp = tmp_path_factory.mktemp("run")
-    # The seed's snippet reads saved_models/final_model.pt relative to the working directory.
+    # The default recipe's loading snippet reads saved_models/final_model.pt relative to the working directory.
     config = tiny_config(tmp, small_corpus, out_dir=str(tmp / "saved_models"))
     lines = []
     result = train(config, log=lines.append)
@@ -31,7 +31,7 @@ def test_tiny_model_trains_below_the_target(trained):
     assert result.losses[0] > 5.0  # it started from scratch
 
 
-def test_log_lines_follow_the_seed_format(trained):
+def test_log_lines_follow_the_default_recipes_format(trained):
     config, result, lines = trained
     step_lines = [line for line in lines if line.startswith("step ")]
     assert step_lines and all(STEP_LINE.match(line) for line in step_lines)
@@ -70,7 +70,7 @@ def test_seed_loading_snippet_gives_the_trained_models_logits(trained, monkeypat
     monkeypatch.chdir(result.final_model_path.parent.parent)
     device = "cpu"
 
-    # The seed's snippet, unchanged.
+    # The default recipe's loading snippet, unchanged.
     def load_model():
         checkpoint = torch.load('saved_models/final_model.pt')
         config = GPTConfig(checkpoint['config'])
@@ -168,7 +168,8 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp
 
 
 def test_the_cli_exit_status_for_a_diverged_run_is_its_own(tmp_path, small_corpus, monkeypatch, capsys):
-    from gpt2train.cli import EXIT_DIVERGED, main
+    from gpt2train.cli import main
+    from gpt2train.training.outcome import EXIT_DIVERGED
 
     poison_losses(monkeypatch, bad_calls=set(range(1, 100)))
     with pytest.raises(SystemExit) as exited:
@@ -223,7 +224,7 @@ class FakeClock:
 
 
 def test_a_slow_first_step_gets_an_estimate_within_30_seconds():
-    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.clock import ESTIMATE_SECONDS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -238,7 +239,7 @@ def test_a_slow_first_step_gets_an_estimate_within_30_seconds():
 
 
 def test_fast_steps_are_estimated_after_eight_and_never_warned_about():
-    from gpt2train.training.report import ESTIMATE_STEPS, StepClock
+    from gpt2train.training.clock import ESTIMATE_STEPS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -249,7 +250,7 @@ def test_fast_steps_are_estimated_after_eight_and_never_warned_about():
 
 
 def test_a_first_step_done_but_no_estimate_due_at_30_seconds_gives_an_early_one():
-    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.clock import ESTIMATE_SECONDS, StepClock
 
     clock = FakeClock()
     steps = StepClock(first_step=1, clock=clock)
@@ -262,7 +263,7 @@ def test_a_first_step_done_but_no_estimate_due_at_30_seconds_gives_an_early_one(
 
 
 def test_while_a_slow_first_step_runs_a_watch_prints_a_lower_bound(tmp_path, small_corpus):
-    from gpt2train.training.report import ESTIMATE_SECONDS, StepClock
+    from gpt2train.training.clock import ESTIMATE_SECONDS, StepClock
 
     lines = []
     trainer = Trainer(tiny_config(tmp_path, small_corpus, preset="gpt2", max_steps=20000, warmup_steps=5),
@@ -280,7 +281,7 @@ def test_while_a_slow_first_step_runs_a_watch_prints_a_lower_bound(tmp_path, sma
     assert "try `--preset tiny`" in estimate
 
 
-def test_the_seeds_lines_are_printed_as_things_happen(tmp_path, small_corpus):
+def test_the_closing_lines_are_printed_as_things_happen(tmp_path, small_corpus):
     final = tmp_path / "out" / "final_model.pt"
     seen = []
 
@@ -294,7 +295,7 @@ def test_the_seeds_lines_are_printed_as_things_happen(tmp_path, small_corpus):
     assert closing == [
         ("Target loss achieved", False, 0),  # when the step is read, before anything is written
         ("Final model saved at", True, 0),  # once the final model is written
-        ("Training completed. Best loss", True, 0),  # the checkpoint comes after the seed's lines
+        ("Training completed. Best loss", True, 0),  # the checkpoint comes after the closing lines
     ]
     assert result.checkpoint_path.exists()
 

@@ -14,12 +14,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, to_toml
 from .errors import UserError
 from .model import GPT, GPTConfig, KVCache
 from .runtime import autocast, configure_backends, dtype_name, resolve_device, resolve_dtype
@@ -226,6 +227,30 @@ def run_in_subprocess(argv: list[str], variant: str) -> VariantResult:
     if done.returncode != 0:
         raise RuntimeError(f"bench variant {variant} failed:\n{done.stderr}")
     return VariantResult(**json.loads(done.stdout)["variants"][0])
+
+
+def compare_variants(config: TrainConfig, device: torch.device, steps: int, warmup: int, eager: bool = False,
+                     deterministic: bool = False, muon: bool = False) -> list[VariantResult]:
+    """Time gpt2train's step (and torch.compile's on a GPU), with the variants asked for beside it, each
+    in a process of its own; which one is running is said on stderr."""
+    variants = ["gpt2train"] + (["compiled"] if device.type == "cuda" else [])
+    if deterministic:
+        variants.insert(1, "gpt2train-deterministic")
+    if muon:
+        variants.insert(1, "gpt2train-muon")
+    if eager:
+        variants += ["eager-fp32", "eager-bf16"] if device.type == "cpu" else ["eager"]
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = os.path.join(tmp, "bench.toml")
+        with open(config_file, "w") as f:
+            f.write(to_toml(config))
+        argv = ["--config", config_file, "--steps", str(steps), "--warmup", str(warmup)]
+        results = []
+        for i, variant in enumerate(variants, 1):
+            print(f"bench: timing {variant} ({i} of {len(variants)}, {warmup} warm-up and {steps} timed steps)",
+                  file=sys.stderr, flush=True)
+            results.append(run_in_subprocess(argv, variant))
+    return results
 
 
 @torch.no_grad()

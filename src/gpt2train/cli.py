@@ -3,37 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import codecs
-import math
 import os
 import signal
 import sys
-import time
 import traceback
 from dataclasses import MISSING
-from pathlib import Path
 
 import torch
 
 from .bench import VARIANTS
 from .config import (
-    EVAL_TASKS, MODEL_FIELDS, MODEL_HELP, PRESETS, RUN, RUN_FIELDS, base_type, field_types, preset_config, resolve_config,
+    EVAL_TASKS, MODEL_FIELDS, MODEL_HELP, RUN, RUN_FIELDS, base_type, field_types, preset_lines, resolve_config,
 )
-from .errors import UserError
+from .errors import EXIT_USER_ERROR, UserError
 from .final_model import FILE_NAMES
-from .prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare, tokenize_inputs
+from .prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare
 from .sources import DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, DIRECTORY_INCLUDE
 
-# Off a terminal, a long job's progress is printed as lines once it has run this long.
-PROGRESS_AFTER_SECONDS = 5.0
 MODEL_PATH_HELP = ("a final model file, a training checkpoint, a run directory (its newest checkpoint) or a Hugging "
                    "Face GPT-2 directory (default: 'saved_models/final_model.pt')")
-
-# Exit statuses: 0 done (target reached), 1 a crash (a bug), and these; an interrupted run exits
-# with 128 + the signal number, as shells report.
-EXIT_USER_ERROR = 2
-EXIT_TARGET_NOT_REACHED = 3
-EXIT_DIVERGED = 4
 
 
 class Parser(argparse.ArgumentParser):
@@ -237,168 +225,38 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from .training.loop import train
-    from .training.outcome import Outcome
 
     config = resolve_config(args.config, {name: getattr(args, name) for name in field_types()})
-    result = train(config, debug=getattr(args, "debug", False))
-    if result.status == Outcome.INTERRUPTED:
-        return 128 + result.signal_number
-    return {Outcome.MAX_STEPS: EXIT_TARGET_NOT_REACHED, Outcome.DIVERGED: EXIT_DIVERGED}.get(result.status, 0)
+    return train(config, debug=getattr(args, "debug", False)).exit_status
 
 
 def cmd_sample(args) -> int:
-    from .final_model import load_model
-    from .runtime import resolve_device
-    from .sample import generate
-    from .tokenizer import get_tokenizer
+    from .sample import print_samples
 
-    if not math.isfinite(args.temperature):
-        raise UserError(f"--temperature must be a number (0 for greedy), not {args.temperature}")
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
-        raise UserError("--max-new-tokens, --temperature and --top-k must not be negative, --num-samples at least 1")
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be in [0, 2**63), not {args.seed}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1], not {args.top_p}")
-    if args.prompt and args.prompt_file:
-        raise UserError("give either --prompt or --prompt-file, not both")
-    prompts = [args.prompt]
-    if args.prompt_file:
-        try:
-            prompts = [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read prompts from {args.prompt_file}: {e}") from None
-        if not prompts:
-            raise UserError(f"{args.prompt_file} holds no prompts: write one prompt per line")
-    model = load_model(args.model, device=resolve_device(args.device))
-    enc = get_tokenizer()
-    for index, (prompt, sample) in enumerate((p, i) for p in prompts for i in range(args.num_samples)):
-        if index:
-            print("-" * 40)
-        # Tokens can end inside a multi-byte character: decode the byte stream incrementally.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        sys.stdout.write(prompt)
-        seed = None if args.seed is None else args.seed + sample
-        for token in generate(model, enc.encode_ordinary(prompt), args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k or None, top_p=args.top_p, seed=seed,
-                              stop_at_eot=not args.ignore_eot):
-            sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
-            sys.stdout.flush()
-        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    print_samples(args.model, args.prompt, args.prompt_file, args.num_samples, args.max_new_tokens, args.temperature,
+                  args.top_k, args.top_p, args.seed, args.ignore_eot, args.device)
     return 0
 
 
 def cmd_eval(args) -> int:
+    from .model_eval import score_task, score_text
+
     if args.task and args.lm_eval is not None:
         raise UserError("give either --task or --lm-eval, not both")
-    if args.task:
-        return cmd_eval_task(args)
-    if args.lm_eval is not None or _lm_eval_only_flags(args):
+    if args.lm_eval is not None or (not args.task and _lm_eval_only_flags(args)):
         return cmd_lm_eval(args)
-    from .corpus import load_corpus
-    from .evaluate import evaluate
-    from .final_model import load_model
-    from .runtime import resolve_device, resolve_dtype
-
-    if args.data and args.inputs:
-        raise UserError("give either --data or input files, not both")
-    if args.seq_len < 0 or args.batch_size < 1 or args.max_tokens < 0:
-        raise UserError("--seq-len and --max-tokens must not be negative, --batch-size at least 1")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model = load_model(args.model, device=device)
-    seq_len = args.seq_len or model.config.block_size
-    if seq_len > model.config.block_size:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size} tokens")
-    if args.inputs:
-        tokens, source = tokenize_inputs(args.inputs), ", ".join(args.inputs)
-    else:
-        corpus = load_corpus(args.data or "")
-        tokens, source = corpus.val, f"{corpus.source} (validation split)"
-    if len(tokens) < 2:
-        raise UserError(f"{source} holds fewer than two tokens: nothing to score")
-
-    progress = _ProgressLines("tokens")
-    result = evaluate(model, tokens, seq_len, args.batch_size, device, dtype, max_tokens=args.max_tokens,
-                      progress=progress)
-    progress.close()
-    if not math.isfinite(result.loss):
-        raise UserError(f"{args.model} computes a non-finite loss ({result.loss}) on {source}: its weights hold "
-                        "non-finite values; use another model file")
-    print(f"data: {source} | tokens: {result.tokens:,} | bytes: {result.bytes:,}")
-    print(f"val loss: {result.loss:.4f} | perplexity: {result.perplexity:.2f} | bits per byte: {result.bits_per_byte:.4f}")
-    return 0
-
-
-def cmd_eval_task(args) -> int:
-    import json
-
-    from . import hellaswag
-    from .final_model import load_model
-    from .runtime import resolve_device, resolve_dtype
-    from .training import distributed
-
-    if args.inputs:
+    if args.task and args.inputs:
         raise UserError(f"--task {args.task} scores the task's own data: drop the input files")
-    if args.lm_eval_include or args.num_fewshot is not None or args.output:
+    if args.task and (args.lm_eval_include or args.num_fewshot is not None or args.output):
         raise UserError("--lm-eval-include, --num-fewshot and --output apply to --lm-eval TASKS only")
-    if args.limit < 0:
-        raise UserError("--limit must not be negative (0 scores every item)")
-    world = distributed.world_from_env()
-    try:
-        device = distributed.join(world, resolve_device(args.device))
-        dtype = resolve_dtype(args.dtype, device)
-        if world.is_main:  # fetched once, not by every rank at the same time
-            hellaswag.dataset_path(args.data or "", progress=sys.stderr.isatty())
-        distributed.barrier(world)
-        items = hellaswag.read_items(hellaswag.dataset_path(args.data or ""), args.limit)
-        model = load_model(args.model, device=device)
-        progress = _ProgressLines("items") if world.is_main else None
-
-        def report(done: int, total: int) -> None:  # rank 0's share stands for every rank's
-            progress(min(done * world.size, len(items)), len(items))
-
-        started = time.perf_counter()
-        counts = hellaswag.score(model, items[world.rank :: world.size], device, dtype,
-                                 progress=report if progress is not None else None)
-        total = distributed.sum_(torch.tensor(counts.as_tuple(), device=device), world).tolist()
-        seconds = time.perf_counter() - started
-    finally:
-        distributed.leave()
-    if progress is not None:
-        progress.close()
-    if not world.is_main:
-        return 0
-    counts = hellaswag.Counts(*total)
-    figures = counts.accuracies()
-    if args.json:
-        print(json.dumps({"task": args.task, "items": counts.items, **figures, "seconds": round(seconds, 3)}))
-        return 0
-    print(f"task: hellaswag | items: {counts.items:,} | {seconds:.1f} s ({counts.items / seconds:.1f} items/s)")
-    print(f"acc: {figures['acc']:.4f} (lm-evaluation-harness: the likeliest ending)")
-    print(f"acc_norm: {figures['acc_norm']:.4f} (lm-evaluation-harness: the likeliest per character)")
-    print(f"acc_norm_completion: {figures['acc_norm_completion']:.4f} (build-nanogpt and llm.c: the lowest loss per token)")
+    if args.task:
+        lines = score_task(args.model, args.task, args.data, args.limit, args.device, args.dtype, args.json)
+    else:
+        lines = score_text(args.model, args.inputs, args.data, args.seq_len, args.batch_size, args.max_tokens,
+                           args.device, args.dtype)
+    for line in lines:
+        print(line)
     return 0
-
-
-class _ProgressLines:
-    """`eval`'s progress on stderr: redrawn in place on a terminal; elsewhere, once the job has taken a
-    while, a line every tenth of the way."""
-
-    def __init__(self, unit: str):
-        self.unit, self.terminal, self.said, self.started = unit, sys.stderr.isatty(), 0, time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        line = f"eval: {done / total:4.0%} ({done:,}/{total:,} {self.unit})"
-        if self.terminal:
-            print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        elif time.monotonic() - self.started > PROGRESS_AFTER_SECONDS and done * 10 // total > self.said:
-            self.said = done * 10 // total
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.terminal:
-            print(file=sys.stderr)
 
 
 def _lm_eval_only_flags(args) -> list[str]:
@@ -409,7 +267,7 @@ def _lm_eval_only_flags(args) -> list[str]:
 
 
 def cmd_lm_eval(args) -> int:
-    from .harness import run_lm_eval
+    from .harness import new_results_path, run_lm_eval
     from .runtime import resolve_device, resolve_dtype
 
     if args.lm_eval is None:
@@ -421,22 +279,12 @@ def cmd_lm_eval(args) -> int:
         raise UserError("--lm-eval needs task names, comma-separated (for example --lm-eval hellaswag,arc_easy)")
     if (args.num_fewshot or 0) < 0 or args.limit < 0:
         raise UserError("--num-fewshot and --limit must not be negative")
-    output = Path(args.output) if args.output else _new_results_path()
+    output = new_results_path(args.output)
     device = resolve_device(args.device)
     run_lm_eval(args.model, tasks, include=args.lm_eval_include, num_fewshot=args.num_fewshot,
                 limit=args.limit or None, device=device, dtype=resolve_dtype(args.dtype, device), output=output)
     print(f"results: {output}")
     return 0
-
-
-def _new_results_path() -> Path:
-    """lm-eval-DATE-TIME.json in the current directory, with a number added where that is taken: an
-    earlier result is never replaced."""
-    stem = time.strftime("lm-eval-%Y%m%d-%H%M%S")
-    path, n = Path(f"{stem}.json"), 1
-    while path.exists():
-        path, n = Path(f"{stem}-{n}.json"), n + 1
-    return path
 
 
 def cmd_plot(args) -> int:
@@ -462,16 +310,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import tempfile
-
-    from .bench import (
-        as_json,
-        describe,
-        generation_report,
-        run_in_subprocess,
-        run_variant,
-    )
-    from .config import to_toml
+    from .bench import as_json, compare_variants, describe, generation_report, run_variant
     from .runtime import resolve_device
 
     if args.steps < 1 or args.warmup < 0 or args.generate < 0:
@@ -484,31 +323,14 @@ def cmd_bench(args) -> int:
     if args.variant:
         results = [run_variant(config, args.variant, args.steps, args.warmup)]
     else:
-        variants = ["gpt2train"] + (["compiled"] if device.type == "cuda" else [])
-        if args.compare_deterministic:
-            variants.insert(1, "gpt2train-deterministic")
-        if args.compare_muon:
-            variants.insert(1, "gpt2train-muon")
-        if args.compare_eager:
-            variants += ["eager-fp32", "eager-bf16"] if device.type == "cpu" else ["eager"]
-        with tempfile.TemporaryDirectory() as tmp:
-            config_file = Path(tmp) / "bench.toml"
-            config_file.write_text(to_toml(config))
-            argv = ["--config", str(config_file), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            results = []
-            for i, variant in enumerate(variants, 1):
-                print(f"bench: timing {variant} ({i} of {len(variants)}, {args.warmup} warm-up and {args.steps} "
-                      "timed steps)", file=sys.stderr, flush=True)
-                results.append(run_in_subprocess(argv, variant))
+        results = compare_variants(config, device, args.steps, args.warmup, eager=args.compare_eager,
+                                   deterministic=args.compare_deterministic, muon=args.compare_muon)
     print(as_json(config, results, device) if args.json else "\n".join(describe(config, results, device)))
     return 0
 
 
 def cmd_presets(args) -> int:
-    for name, values in PRESETS.items():
-        params = preset_config(name).model.num_params()
-        changes = ", ".join(f"{k}={v}" for k, v in values.items()) or "the seed's defaults"
-        print(f"{name:12s} {params / 1e6:9.2f}M parameters  {changes}")
+    print("\n".join(preset_lines()))
     return 0
 
 

@@ -1,6 +1,11 @@
-"""Training configuration: the typed defaults (the seed's numbers), presets, TOML files, overrides.
+"""Training configuration: the typed defaults (the default recipe), presets, TOML files, overrides.
 
 Precedence, lowest first: the preset, the config file, then command-line flags.
+
+The default recipe is the run gpt2train was first built to do, which its defaults still are: GPT-2
+124M, batches of 8 x 1024 tokens, AdamW at a peak learning rate of 6e-4 on a cosine schedule, until
+a step's training loss falls below 0.099999; then an fp16 final model in a `torch.save` dict
+(`final_model.pt`) that a short loading snippet reads back, and three closing lines.
 """
 
 from __future__ import annotations
@@ -38,13 +43,13 @@ def _opt(default, help: str, group: str, choices: tuple = ()):
 
 
 PRESETS: dict[str, dict] = {
-    # The seed's run: GPT-2 124M, batch 8 x 1024.
+    # The default recipe: GPT-2 124M, batch 8 x 1024.
     "gpt2": {},
     # The larger GPT-2 shapes, with the peak learning rates GPT-3's paper used at these sizes.
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5),
-    # GPT-2 124M with the recipe that reached the seed's target in the fewest steps on the CPU proxy
+    # GPT-2 124M with the recipe that reached the default target loss in the fewest steps on the CPU proxy
     # (bench/recipe.py): Muon on the blocks' matrices, AdamW at a higher lr on the rest, a short
     # warmup, then constant until the loss is within 8x the target, then a 300-step linear decay.
     "gpt2-fast": dict(
@@ -52,7 +57,7 @@ PRESETS: dict[str, dict] = {
         max_steps=4000, decay_fraction=0.075,
     ),
     # A few million parameters that memorise a 1K-token slice of the built-in corpus to the
-    # seed's target loss on a 2-core CPU in a few minutes. The 50,304-wide output layer is most
+    # default target loss on a 2-core CPU in a few minutes. The 50,304-wide output layer is most
     # of the cost at this size, so the model is narrow and the steps are short.
     "tiny": dict(
         n_layer=2, n_head=4, n_embd=128, block_size=64,
@@ -92,16 +97,16 @@ class TrainConfig:
                               "sets the model's shape; empty: random weights", RUN)
     data: str = _opt("", "directory written by `gpt2train prepare`; empty: the built-in corpus", DATA)
     train_tokens: int = _opt(0, "train on the first N tokens of the training split only; 0: all", DATA)
-    sampling: str = _opt("random", "how training windows are drawn: random (anywhere, the seed's) or sequential "
+    sampling: str = _opt("random", "how training windows are drawn: random (anywhere, the default recipe's) or sequential "
                          "(every token once per epoch, in a shuffled order)", DATA, SAMPLERS)
     out_dir: str = _opt("saved_models", "where the final model is written", DATA)
-    format: str = _opt("pt", "final model file format: pt (torch.save, the seed's) or safetensors", DATA, FILE_NAMES)
+    format: str = _opt("pt", "final model file format: pt (torch.save, the default recipe's) or safetensors", DATA, FILE_NAMES)
     batch_size: int = _opt(8, "sequences per micro-step on each rank", OPTIMIZATION)
     grad_accum: int = _opt(1, "micro-steps whose gradients add up to one optimizer step", OPTIMIZATION)
     seq_len: int = _opt(1024, "tokens per sequence (at most block_size)", OPTIMIZATION)
     max_steps: int = _opt(20000, "stop after this many optimizer steps", OPTIMIZATION)
     warmup_steps: int = _opt(2000, "linear warmup steps before the decay", OPTIMIZATION)
-    optimizer: str = _opt("adamw", "adamw (the seed's), or muon: Muon on the transformer blocks' matrices and AdamW on "
+    optimizer: str = _opt("adamw", "adamw (the default recipe's), or muon: Muon on the transformer blocks' matrices and AdamW on "
                           "the embeddings, biases and LayerNorm gains", OPTIMIZATION, OPTIMIZERS)
     lr: float = _opt(6e-4, "peak learning rate (of AdamW, for every parameter it updates)", OPTIMIZATION)
     min_lr: float = _opt(6e-5, "learning rate at the end of the decay", OPTIMIZATION)
@@ -111,7 +116,7 @@ class TrainConfig:
     muon_momentum: float = _opt(0.95, "with --optimizer muon, Muon's (Nesterov) momentum", OPTIMIZATION)
     muon_weight_decay: float = _opt(0.1, "with --optimizer muon, Muon's weight decay", OPTIMIZATION)
     schedule: str = _opt("cosine", "learning-rate schedule after the warmup: cosine (down to min_lr at max_steps, the "
-                         "seed's) or wsd (constant, then a linear decay to min_lr over the last decay_fraction of "
+                         "default recipe's) or wsd (constant, then a linear decay to min_lr over the last decay_fraction of "
                          "max_steps)", OPTIMIZATION, SCHEDULES)
     decay_fraction: float = _opt(0.2, "with --schedule wsd, the share of max_steps the decay takes", OPTIMIZATION)
     decay_at: float = _opt(0.0, "with --schedule wsd, start the decay early, once a step's training loss first falls "
@@ -293,6 +298,16 @@ def _shape_of(init_from: str, chosen: dict) -> dict:
 
 def preset_config(name: str) -> TrainConfig:
     return resolve_config(overrides={"preset": name})
+
+
+def preset_lines() -> list[str]:
+    """`gpt2train presets`: each named configuration, its size and what it changes."""
+    lines = []
+    for name, values in PRESETS.items():
+        params = preset_config(name).model.num_params()
+        changes = ", ".join(f"{k}={v}" for k, v in values.items()) or "the default recipe"
+        lines.append(f"{name:12s} {params / 1e6:9.2f}M parameters  {changes}")
+    return lines
 
 
 def validate(config: TrainConfig) -> None:

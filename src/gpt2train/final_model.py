@@ -1,6 +1,6 @@
 """The final model: fp16 weights written when the target is reached, and `load_model` to read them.
 
-Two formats: the seed's `torch.save` dict (`final_model.pt`) and safetensors
+Two formats: the default recipe's `torch.save` dict (see config.py) (`final_model.pt`) and safetensors
 (`final_model.safetensors`, optional dependency). Both hold the model config and fp16 weights with
 the tied embedding / output matrix stored once.
 """
@@ -79,7 +79,7 @@ def save_final_model(model: GPT, path: str | Path, step: int, best_loss: float, 
         data = require_safetensors().torch.save(state, metadata=metadata)
         atomic_write(path, lambda f: f.write(data), direct=True)
     else:
-        # The seed's layout: {'config': dict, 'model_state_dict': tensors}, plus the run's facts.
+        # The default recipe's layout: {'config': dict, 'model_state_dict': tensors}, plus the run's facts.
         payload = {"config": model.config.to_dict(), "model_state_dict": state, **info}
         atomic_write(path, lambda f: save_sealed(payload, f), direct=True)
 

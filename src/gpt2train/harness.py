@@ -7,6 +7,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -221,3 +222,15 @@ def _unknown_task(task: str, include: str | Path | None, known: Sequence[str]) -
     listing += f" --include_path {include}" if include is not None else ""
     return (f"unknown lm-evaluation-harness task '{task}'{hint}: no such task in the harness{where}; "
             f"list them with `{listing}`")
+
+
+def new_results_path(given: str | None = None) -> Path:
+    """Where the results go: `given`, else lm-eval-DATE-TIME.json in the current directory, with a number
+    added where that is taken: an earlier result is never replaced."""
+    if given:
+        return Path(given)
+    stem = time.strftime("lm-eval-%Y%m%d-%H%M%S")
+    path, n = Path(f"{stem}.json"), 1
+    while path.exists():
+        path, n = Path(f"{stem}-{n}.json"), n + 1
+    return path

@@ -26,8 +26,8 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
 
     def __post_init__(self) -> None:
-        # The seed's loading snippet calls GPTConfig(checkpoint['config']) with the dict as the
-        # first positional argument; accept that spelling as well as GPTConfig(**d).
+        # The default recipe's loading snippet (see config.py) calls GPTConfig(checkpoint['config'])
+        # with the dict as the first positional argument; accept that spelling as well as GPTConfig(**d).
         if isinstance(self.block_size, Mapping):
             values = dict(self.block_size)
             self.block_size = GPTConfig.block_size

@@ -1,10 +1,13 @@
-"""One status line on stderr, redrawn in place, for long steps such as prepare and downloads, and
-durations written for people (`format_duration`)."""
+"""Progress on stderr: one status line redrawn in place for long steps such as prepare and downloads
+(`Progress`), eval's progress (`ProgressLines`), and durations written for people (`format_duration`)."""
 
 from __future__ import annotations
 
 import sys
 import time
+
+# Off a terminal, a long job's progress is printed as lines once it has run this long.
+PROGRESS_AFTER_SECONDS = 5.0
 
 
 def format_duration(seconds: float) -> str:
@@ -54,3 +57,23 @@ class Progress:
         if self.enabled and self.width:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+class ProgressLines:
+    """`eval`'s progress on stderr: redrawn in place on a terminal; elsewhere, once the job has taken a
+    while, a line every tenth of the way."""
+
+    def __init__(self, unit: str):
+        self.unit, self.terminal, self.said, self.started = unit, sys.stderr.isatty(), 0, time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        line = f"eval: {done / total:4.0%} ({done:,}/{total:,} {self.unit})"
+        if self.terminal:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif time.monotonic() - self.started > PROGRESS_AFTER_SECONDS and done * 10 // total > self.said:
+            self.said = done * 10 // total
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.terminal:
+            print(file=sys.stderr)

@@ -1,14 +1,21 @@
-"""Text generation: greedy, temperature, top-k and top-p sampling, decoded with a KV cache."""
+"""Text generation: greedy, temperature, top-k and top-p sampling, decoded with a KV cache, and
+`gpt2train sample`'s samples of a saved model printed as they are generated (`print_samples`)."""
 
 from __future__ import annotations
 
+import codecs
+import math
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .final_model import load_model
 from .model import GPT, KVCache
-from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE
+from .runtime import resolve_device
+from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE, get_tokenizer
 
 
 def pick_token(
@@ -87,3 +94,42 @@ def generate(
             return
         yield next_id
         context.append(next_id)
+
+
+def print_samples(model_path: str, prompt: str = "", prompt_file: str | None = None, num_samples: int = 1,
+                  max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 200, top_p: float = 1.0,
+                  seed: int | None = None, ignore_eot: bool = False, device: str = "auto") -> None:
+    """Continue `prompt`, or each non-empty line of `prompt_file` in turn, `num_samples` times each,
+    printing tokens to stdout as they are generated; sample i of a prompt draws from `seed` + i."""
+    if not math.isfinite(temperature):
+        raise UserError(f"--temperature must be a number (0 for greedy), not {temperature}")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or num_samples < 1:
+        raise UserError("--max-new-tokens, --temperature and --top-k must not be negative, --num-samples at least 1")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), not {seed}")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], not {top_p}")
+    if prompt and prompt_file:
+        raise UserError("give either --prompt or --prompt-file, not both")
+    prompts = [prompt]
+    if prompt_file:
+        try:
+            prompts = [line for line in Path(prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompts from {prompt_file}: {e}") from None
+        if not prompts:
+            raise UserError(f"{prompt_file} holds no prompts: write one prompt per line")
+    model = load_model(model_path, device=resolve_device(device))
+    enc = get_tokenizer()
+    for index, (text, sample) in enumerate((p, i) for p in prompts for i in range(num_samples)):
+        if index:
+            print("-" * 40)
+        # Tokens can end inside a multi-byte character: decode the byte stream incrementally.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sys.stdout.write(text)
+        for token in generate(model, enc.encode_ordinary(text), max_new_tokens, temperature=temperature,
+                              top_k=top_k or None, top_p=top_p, seed=None if seed is None else seed + sample,
+                              stop_at_eot=not ignore_eot):
+            sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")

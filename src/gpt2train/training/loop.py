@@ -6,26 +6,33 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .. import hellaswag, plot
+from ..checkpoint import latest_checkpoint
 from ..config import TrainConfig
 from ..errors import UserError
 from ..evaluate import EvalResult, evaluate
-from .. import hellaswag
 from ..metrics import RunRecorder
-from .. import plot
 from ..model import GPT
+from ..runtime import process_age
 from . import distributed
+from .clock import StepClock, estimate_line
 from .distributed import world_from_env
-from .finish import Ending
 from .outcome import Outcome
-from .report import Log, StepClock, estimate_line, opening_lines, startup_line, step_line, task_line, val_line
-from .setup import build_run
+from .report import (
+    closing_lines, final_model_lost, opening_lines, startup_line, step_line, target_checkpoint_lost, task_line, val_line,
+)
+from .resume import resolve_run
+from .setup import Laps, build_run
 from .signals import StopRequests
-from .step import Batches, Flags, PendingStep, Pipeline, StepResult
+from .step import Batches, Flags, PendingStep, Pipeline
+
+Log = Callable[[str], None]
 
 
 def print_flush(line: str) -> None:
@@ -52,6 +59,10 @@ class TrainResult:
     def reached_target(self) -> bool:
         return self.status == Outcome.TARGET_REACHED
 
+    @property
+    def exit_status(self) -> int:
+        return self.status.exit_status(self.signal_number)
+
 
 def train(config: TrainConfig, log: Log = print_flush, debug: bool = False) -> TrainResult:
     """Train until the training loss first drops below config.target_loss, or max_steps pass.
@@ -76,19 +87,6 @@ def train(config: TrainConfig, log: Log = print_flush, debug: bool = False) -> T
         distributed.leave()
 
 
-@dataclass
-class Seen:
-    """What reading one step told."""
-
-    step: int
-    result: StepResult
-    seconds: float  # wall time since the previous step was read
-    events: list[str]  # non-finite steps and spikes
-    val: EvalResult | None  # at evaluation steps
-    tasks: dict[str, dict[str, float]]  # at task evaluation steps: each task's accuracies
-    reached: bool  # the target is reached at this step
-
-
 class Trainer:
     """One training run: set up (new or resumed) on construction, then `run()` to its end."""
 
@@ -98,7 +96,10 @@ class Trainer:
         self.log = self._say if world.is_main else quiet  # rank 0 alone speaks
         self.stop = StopRequests()
         self.debug = debug
-        self.setup = s = build_run(config, world)
+        lap = Laps({"process start-up and imports": process_age()})
+        plan = resolve_run(config, world)  # first: which run, resumed or new, before anything is built
+        lap("decided how the run starts")
+        self.parts = s = build_run(plan, world, lap)
         self.config = config = s.config
         self.lag = 1 if s.device.type == "cuda" else 0  # a GPU's host reads each step while the next one runs
         self.step = s.step
@@ -123,99 +124,103 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of the run directory and stop the data thread; run() does it when it ends."""
-        if self.setup.lock is not None:
-            self.setup.lock.release()
-        if hasattr(self.setup.sampler, "close"):
-            self.setup.sampler.close()
+        if self.parts.lock is not None:
+            self.parts.lock.release()
+        if hasattr(self.parts.sampler, "close"):
+            self.parts.sampler.close()
 
     def run(self) -> TrainResult:
         """Step until the target, max_steps, too many bad steps or a stop signal."""
-        s = self.setup
+        s, config, monitor = self.parts, self.config, self.parts.monitor
         pipeline = Pipeline(s.stepper, self.lag)
         self.log(s.checkpointer.describe())
         self.clock.start()
         s.checkpointer.start()
+        outcome, done = Outcome.MAX_STEPS, None
         with self.stop, contextlib.closing(self):
             with self.clock.watch(self._say_estimate):  # says early what slow first steps will cost
-                for step in range(self.step + 1, self.config.max_steps + 1):
-                    position = s.state.position() if self.lag else None  # to go back to, should this step be dropped
-                    flags = Flags(stop=self.stop.signal_number is not None, checkpoint=s.checkpointer.should_save(step))
-                    done = pipeline.push(step, self._batches(), s.schedule.lr(step), flags, position)
-                    if done is not None and (outcome := self._read(done)) is not None:
+                # One step late on a GPU (lag 1): the step read is the one before the step just queued,
+                # so the device runs step N+1 while the host reads step N; one more turn reads the last.
+                for queued in range(self.step + 1, config.max_steps + 1 + self.lag):
+                    if queued <= config.max_steps:
+                        position = s.state.position() if self.lag else None  # to go back to, should it be dropped
+                        flags = Flags(stop=self.stop.signal_number is not None, checkpoint=s.checkpointer.due(queued))
+                        done = pipeline.push(queued, self._batches(), s.schedule.lr(queued), flags, position)
+                    else:
+                        done = pipeline.flush()
+                    if done is None:
+                        continue
+
+                    result, seconds = done.result(), self.clock.lap()  # what was read back
+                    self.step = step = done.step
+                    self.losses.append(result.loss)
+                    events = monitor.observe(step, result.loss, result.grad_norm, result.applied)
+                    s.schedule.observe(step, result.loss)
+                    val = self._evaluate() if config.eval_interval and step % config.eval_interval == 0 else None
+                    tasks = self._score_tasks() if config.tasks and step % config.task_eval_interval == 0 else {}
+
+                    if config.target_metric == "val":
+                        reached = val is not None and val.loss < config.target_loss
+                    else:
+                        reached = result.loss < config.target_loss  # NaN never is
+
+                    logged = step % config.log_interval == 0 or reached
+                    lines = [step_line(step, result.loss, monitor.best_loss, seconds)] if logged else []
+                    lines += events + ([val_line(step, val)] if val is not None else [])
+                    lines += [task_line(step, task, accuracies) for task, accuracies in tasks.items()]
+                    for line in lines:
+                        self.log(line)
+                    if self.recorder is not None and (logged or val is not None or tasks):
+                        self._record(step, result.loss, result.grad_norm, seconds, val, tasks)
+                    self._time(step, seconds, ends_here=step == config.max_steps or reached or result.stop)
+
+                    if reached:
+                        outcome = Outcome.TARGET_REACHED
+                    elif monitor.bad_in_a_row >= config.max_bad_steps:
+                        outcome = Outcome.DIVERGED
+                    elif result.stop:
+                        outcome = Outcome.INTERRUPTED
+                    if outcome != Outcome.MAX_STEPS:
                         break
-                else:
-                    done = pipeline.flush()  # lag 1: the last step, read once the loop is over
-                    outcome = (self._read(done) if done is not None else None) or Outcome.MAX_STEPS
+                    saved = s.checkpointer.save_after(step, result.checkpoint, monitor.bad_in_a_row, done.rewind_position)
+                    if saved is not None:
+                        self.log(f"checkpoint saved: {saved}")
             return self._end(outcome, done)
 
     def _batches(self) -> Batches:
-        s = self.setup
+        s = self.parts
         return [tuple(t.to(s.device, non_blocking=True) for t in s.sampler.next_batch())
                 for _ in range(self.config.grad_accum)]
 
-    def _read(self, done: PendingStep) -> Outcome | None:
-        """A step's numbers: logged and recorded; the way the run ends, if it ends at this step."""
-        config, monitor = self.config, self.setup.monitor
-        result, seconds = done.result(), self.clock.lap()
-        self.step = step = done.step
-        self.losses.append(result.loss)
-        events = monitor.observe(step, result.loss, result.grad_norm, result.applied)
-        self.setup.schedule.observe(step, result.loss)
-        val = self._evaluate() if config.eval_interval and step % config.eval_interval == 0 else None
-        tasks = self._score_tasks() if config.tasks and step % config.task_eval_interval == 0 else {}
-        if config.target_metric == "val":
-            reached = val is not None and val.loss < config.target_loss
-        else:
-            reached = result.loss < config.target_loss  # NaN never is
-        self._report(Seen(step, result, seconds, events, val, tasks, reached))
-        if reached:
-            return Outcome.TARGET_REACHED
-        if monitor.bad_in_a_row >= config.max_bad_steps:
-            return Outcome.DIVERGED
-        if result.stop:
-            return Outcome.INTERRUPTED
-        # Never during a run of bad steps: the last good checkpoint is the one to go back to.
-        if result.checkpoint and monitor.bad_in_a_row == 0:
-            self.log(f"checkpoint saved: {self.setup.checkpointer.save(self.step, position=done.rewind_position)}")
-        return None
+    def _record(self, step: int, loss: float, grad_norm: float, seconds: float, val: EvalResult | None,
+                tasks: dict[str, dict[str, float]]) -> None:
+        """The step's line in the run's records (metrics.jsonl, and TensorBoard or W&B if on)."""
+        measured = {"val_loss": val.loss, "val_perplexity": val.perplexity,
+                    "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
+        measured.update({f"{task}_{name}": value for task, accuracies in tasks.items()
+                         for name, value in accuracies.items()})
+        self.recorder.record(step, loss=loss, best_loss=self.parts.monitor.best_loss, lr=self.parts.schedule.lr(step),
+                             grad_norm=grad_norm, step_time=seconds,
+                             tokens_per_s=self.config.tokens_per_step * self.world.size / seconds, **measured)
 
-    def _report(self, seen: Seen) -> None:
-        """The step's log lines, its run record, and the time estimate once it is due."""
-        step, result, val, best = seen.step, seen.result, seen.val, self.setup.monitor.best_loss
-        logged = step % self.config.log_interval == 0 or seen.reached
-        if logged:
-            self.log(step_line(step, result.loss, best, seen.seconds))
-        for event in seen.events:
-            self.log(event)
-        if val is not None:
-            self.log(val_line(step, val))
-        for task, accuracies in seen.tasks.items():
-            self.log(task_line(step, task, accuracies))
-        if self.recorder is not None and (logged or val is not None or seen.tasks):
-            measured = {"val_loss": val.loss, "val_perplexity": val.perplexity,
-                        "val_bits_per_byte": val.bits_per_byte} if val is not None else {}
-            measured.update({f"{task}_{name}": value for task, accuracies in seen.tasks.items()
-                             for name, value in accuracies.items()})
-            self.recorder.record(step, loss=result.loss, best_loss=best, lr=self.setup.schedule.lr(step),
-                                 grad_norm=result.grad_norm, step_time=seen.seconds,
-                                 tokens_per_s=self.config.tokens_per_step * self.world.size / seen.seconds, **measured)
-        ends_here = step == self.config.max_steps or seen.reached or seen.result.stop
+    def _time(self, step: int, seconds: float, ends_here: bool) -> None:
+        """The step timed; the time estimate once it is due (none for a run that ends at this step)."""
         if step == self.clock.first_step:
             if self.recorder is not None and not ends_here:
                 # For the plot at the end, while training goes on; the first step has started everything
                 # heavy. A run that ends here imports matplotlib after its final model is written.
                 plot.warm_up()
             if self.debug:
-                self.log(f"first step: {seen.seconds:.1f} s (compilation included, when on)")
-        per_step = self.clock.step_done(step, seen.seconds)
-        if per_step is not None and not ends_here:  # no time to max steps for a run that ends now
+                self.log(f"first step: {seconds:.1f} s (compilation included, when on)")
+        per_step = self.clock.step_done(step, seconds)
+        if per_step is not None and not ends_here:
             self._say_estimate(per_step, step)
 
     def _say_estimate(self, per_step: float, step: int, kind: str = "measured") -> None:
-        self.log(estimate_line(self.config, self.setup.device, per_step, step, kind))
+        self.log(estimate_line(self.config, self.parts.device, per_step, step, kind))
 
     def _evaluate(self) -> EvalResult | None:
-        s = self.setup
+        s = self.parts
         if len(s.corpus.val) < 2:
             return None
         val = evaluate(s.model, s.corpus.val, self.config.seq_len, self.config.batch_size, s.device, s.dtype,
@@ -227,24 +232,48 @@ class Trainer:
         """HellaSwag's accuracies, each rank scoring its share of the items. The model runs as it is,
         uncompiled and in eval mode (compiled blocks too), so the training step's compiled code is
         neither used nor recompiled; scoring draws no random numbers, so training goes on unchanged."""
-        s = self.setup
+        s = self.parts
         with torch.compiler.set_stance("force_eager"):
             counts = hellaswag.score(s.model, s.task_items, s.device, s.dtype)
         total = distributed.sum_(torch.tensor(counts.as_tuple(), device=s.device), self.world)
         return {"hellaswag": hellaswag.Counts(*total.tolist()).accuracies()}
 
     def _end(self, outcome: Outcome, last: PendingStep | None) -> TrainResult:
-        """Finish the run as `outcome` says, after step `last`."""
-        self.setup.stepper.discard()  # a step queued after the last one read is never applied
+        """Finish the run as `outcome` says, after step `last`: the saves it calls for, its closing
+        lines, and its records closed."""
+        s, config, step = self.parts, self.config, self.step
+        s.stepper.discard()  # a step queued after the last one read is never applied
         best = self._best()
-        position = last.rewind_position if last is not None else None
-        ended = Ending(self.setup, self.log, self.recorder).finish(outcome, self.step, best, position)
+        if outcome == Outcome.TARGET_REACHED:
+            self.log(f"Target loss achieved! Best loss: {best:.6f}")
+        saves = s.checkpointer.save_at_end(outcome, s.model, step, best, last.rewind_position if last else None)
+        for line in closing_lines(outcome, saves, config, self.world, step, best, s.monitor.bad_in_a_row):
+            self.log(line)
+        failure = None
+        if saves.final_error is not None:
+            failure = final_model_lost(saves.final_path, saves.final_error, step, saves.checkpoint,
+                                       saves.checkpoint_error, config)
+        self._close_records()  # while the target's checkpoint is being written
+        if saves.writing is not None:
+            saves.checkpoint, error = saves.writing.result()  # the run ends once the checkpoint is complete
+            if error is not None:
+                self.log(target_checkpoint_lost(step, error, latest_checkpoint(config.run_dir)))
         signal_number = (self.stop.signal_number or signal.SIGTERM) if outcome == Outcome.INTERRUPTED else None
-        return TrainResult(outcome, self.step, best, ended.final_model, ended.checkpoint, self.setup.model,
-                           self.losses, signal_number,  # another rank's signal stops this one as SIGTERM would
-                           ended.failure)
+        return TrainResult(outcome, step, best, saves.final_model, saves.checkpoint, s.model, self.losses,
+                           signal_number,  # another rank's signal stops this one as SIGTERM would
+                           failure)
+
+    def _close_records(self) -> None:
+        """Finish metrics.jsonl and draw loss.png."""
+        if self.recorder is None:
+            return
+        self.recorder.close()
+        try:
+            self.log(f"loss plot: {plot.plot_run(self.config.run_dir)}")
+        except UserError as e:  # matplotlib is optional; a plot is never worth failing a run for
+            self.log(f"loss plot not drawn: {e}")
 
     def _best(self) -> float:
         """The best value of the loss the target applies to."""
-        monitor = self.setup.monitor
+        monitor = self.parts.monitor
         return monitor.best_val_loss if self.config.target_metric == "val" else monitor.best_loss

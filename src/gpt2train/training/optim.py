@@ -1,5 +1,5 @@
-"""The optimizers: AdamW with GPT-2's weight-decay groups (the seed's), or Muon on the transformer
-blocks' matrices with AdamW for everything else."""
+"""The optimizers: AdamW with GPT-2's weight-decay groups (the default recipe's), or Muon on the
+transformer blocks' matrices with AdamW for everything else."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from ..config import TrainConfig
 @dataclass(frozen=True)
 class WarmupCosine:
     """Linear warmup reaching max_lr at step warmup_steps, then a cosine down to min_lr at max_steps
-    (and min_lr after that): the seed's schedule."""
+    (and min_lr after that): the default recipe's schedule."""
 
     max_lr: float
     min_lr: float

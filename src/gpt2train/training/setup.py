@@ -1,4 +1,4 @@
-"""Building a run from its config: the process (ranks, device, precision), the data, the model and its
+"""Building a run from its plan: the process (ranks, device, precision), the data, the model and its
 step, the learning-rate schedule, and the run's state, restored from its checkpoint when resumed."""
 
 from __future__ import annotations
@@ -8,35 +8,37 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import hellaswag
 from ..config import TrainConfig
 from ..corpus import Corpus, load_corpus
 from ..data import SAMPLERS, Sampler
 from ..errors import UserError
 from ..hf import read_hf_model
-from .. import hellaswag
 from ..model import GPT
 from ..runtime import (
-    check_fits, configure_backends, fit_threads_to_free_cores, import_in_background, process_age, resolve_device,
-    resolve_dtype, seed_everything, skip_init, start_device,
+    check_fits, configure_backends, fit_threads_to_free_cores, import_in_background, resolve_device, resolve_dtype,
+    seed_everything, skip_init, start_device,
 )
 from . import distributed
+from .checkpoints import Checkpointer
 from .distributed import World
 from .monitor import LossMonitor
 from .parallel import FullModelState, FullOptimizerState
 from .prefetch import Prefetcher
+from .resume import RunPlan
+from .rundir import RunLock, claim_run_dir
 from .schedule import WarmupCosine, WarmupStableDecay, build_schedule
-from .start import RunLock, Start, claim_run_dir, start_run
-from .state import Checkpointer, RandomState, RunState
+from .state import RandomState, RunState
 from .step import Stepper, build_stepper
 
 
 @dataclass
-class Setup:
+class RunParts:
     """Everything a run is made of, ready for its first step."""
 
     config: TrainConfig  # for a resumed run, the checkpoint's config with the given settings on top
     world: World
-    start: Start
+    plan: RunPlan
     device: torch.device
     dtype: torch.dtype
     corpus: Corpus
@@ -67,13 +69,10 @@ def build_model(config: TrainConfig, device: torch.device, new: bool) -> GPT:
     return model
 
 
-def build_run(config: TrainConfig, world: World = World()) -> Setup:
-    """Set up `config`'s run, new or resumed; refused, before anything on disk changes, if it must be."""
-    timings = {"process start-up and imports": process_age()}
-    lap = Laps(timings)
-    start = start_run(config, world)
-    config = start.config
-    lap("decided how the run starts")
+def build_run(plan: RunPlan, world: World, lap: Laps) -> RunParts:
+    """Set up the run `plan` decided on, new or resumed; refused, before anything on disk changes, if
+    it must be. `lap` times each part."""
+    config = plan.config
     device = distributed.join(world, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     check_fits(config, device)
@@ -100,7 +99,7 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
     # The first optimizer built imports torch._dynamo (1.5 s on a CPU): import it while the model is
     # built, in torch's kernels, which leave Python's lock free.
     dynamo = import_in_background("torch._dynamo")
-    model = build_model(config, device, start.saved is None)
+    model = build_model(config, device, not plan.resumed)
     dynamo.join()
     lap("model")
     stepper = build_stepper(model, config, device, dtype, world)
@@ -116,12 +115,12 @@ def build_run(config: TrainConfig, world: World = World()) -> Setup:
     state.register("sampler", sampler, per_rank=True)
     state.register("rng", RandomState(), per_rank=True)
     data = {"source": corpus.source, "text_sha256": corpus.text_sha256, "train_tokens": len(tokens)}
-    checkpointer = Checkpointer(config, state, start.run_id, data, world)
-    step = checkpointer.restore(start.saved, start.checkpoint) if start.saved is not None else 0
-    lock = claim_run_dir(start, world)  # the first change on disk: every refusal came before
+    checkpointer = Checkpointer(config, state, plan.run_id, data, world)
+    step = checkpointer.restore(plan.saved, plan.checkpoint) if plan.resumed else 0
+    lock = claim_run_dir(config, plan.resumed, world)  # the first change on disk: every refusal came before
     lap("step, state and run directory")
-    return Setup(config, world, start, device, dtype, corpus, len(tokens), sampler, task_items, model, stepper, schedule,
-                 monitor, state, checkpointer, step, lock, notes, timings)
+    return RunParts(config, world, plan, device, dtype, corpus, len(tokens), sampler, task_items, model, stepper, schedule,
+                 monitor, state, checkpointer, step, lock, notes, lap.timings)
 
 
 def _task_items(config: TrainConfig, world: World) -> list[hellaswag.Item]:
@@ -139,7 +138,7 @@ def _task_items(config: TrainConfig, world: World) -> list[hellaswag.Item]:
 class Laps:
     """Seconds between calls, under each call's name."""
 
-    def __init__(self, timings: dict):
+    def __init__(self, timings: dict[str, float | None]):
         self.timings, self.last = timings, time.perf_counter()
 
     def __call__(self, name: str) -> None:

@@ -1,5 +1,4 @@
-"""A run's saveable state: every stateful part registered once (`RunState`), and the checkpoints
-made of it (`Checkpointer`: when one is due, writing it, restoring a run from one).
+"""What a checkpoint is made of: every stateful part of a run registered once (`RunState`).
 
 A part is anything with `state_dict()` and `load_state_dict(state)`. Shared parts are the same on
 every rank (the weights, the optimizer, the loss scaler, the loss monitor); per-rank parts are each
@@ -10,20 +9,14 @@ name, rank 0's per-rank parts at the top level and the other ranks' in `other_ra
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from ..checkpoint import checkpoint_path, save_checkpoint
-from ..config import TrainConfig
-from ..errors import UserError
 from . import distributed
 from .distributed import World
-from .outcome import Outcome
+
 
 class Stateful(Protocol):
     def state_dict(self) -> dict: ...
@@ -94,88 +87,3 @@ class RunState:
                 part.load_state_dict(saved[name])
         for name, part in self.per_rank.items():  # last: building the model drew from the generators
             part.load_state_dict(position[name])
-
-
-class Checkpointer:
-    """The run's checkpoints: when one is due (`should_save`), writing one (`save`), and restoring
-    the run from one (`restore`). Rank 0 decides and writes; saving is a collective.
-
-    With checkpoint_interval N, one every N steps. With 0 (automatic), by the clock: the first after
-    FIRST_CHECKPOINT_SECONDS of training, then one every CHECKPOINT_SECONDS, so that a run killed at
-    any moment loses at most that much training, and a short run is not slowed by many writes.
-    """
-
-    FIRST_CHECKPOINT_SECONDS = 60.0
-    CHECKPOINT_SECONDS = 600.0
-
-    def __init__(self, config: TrainConfig, state: RunState, run_id: str, data: dict, world: World = World(),
-                 clock: Callable[[], float] = time.monotonic):
-        self.config, self.state, self.run_id, self.data, self.world = config, state, run_id, data, world
-        self.directory = Path(config.run_dir) / "checkpoints"
-        self.interval = config.checkpoint_interval
-        self.clock = clock
-        self.last_saved = clock()  # (re)set when training starts
-        self.saved = False  # by this process
-
-    def start(self) -> None:
-        """Training starts now: the automatic checkpoints are timed from here."""
-        self.last_saved = self.clock()
-
-    def should_save(self, step: int) -> bool:
-        """Whether a periodic checkpoint falls after `step` (never after the last one: the run's end
-        writes one anyway). Rank 0's decision; the step's flags carry it to the others."""
-        if not self.world.is_main or step >= self.config.max_steps:
-            return False
-        if self.interval:
-            return step % self.interval == 0
-        wait = self.CHECKPOINT_SECONDS if self.saved else self.FIRST_CHECKPOINT_SECONDS
-        return self.clock() - self.last_saved >= wait
-
-    def describe(self) -> str:
-        """The line that says when checkpoints are written."""
-        if self.interval:
-            when = f"every {self.interval:,} steps"
-        else:
-            when = (f"after {_minutes(self.FIRST_CHECKPOINT_SECONDS)} of training, then every "
-                    f"{_minutes(self.CHECKPOINT_SECONDS)}")
-        return f"checkpoints {when}, at the end and when stopped, in {self.directory}"
-
-    def save(self, step: int, finished: Outcome | None = None, position: dict | None = None) -> Path:
-        """Collect the run's state and write the checkpoint of `step`: a collective (every rank calls
-        it, rank 0 writes). `position` as in `RunState.collect`."""
-        contents = self.state.collect(position)
-        path = self.write(step, contents, finished) if self.world.is_main else checkpoint_path(self.config.run_dir, step)
-        distributed.barrier(self.world)
-        return path
-
-    def write(self, step: int, contents: dict, finished: Outcome | None = None) -> Path:
-        """Rank 0: write the checkpoint of `step` from what `state.collect()` gave."""
-        record = {
-            "config": self.config.to_flat_dict(),
-            "run_id": self.run_id,
-            "best_loss": contents["monitor"]["best_loss"],
-            "finished": str(finished or ""),
-            "world_size": self.world.size,
-            "data": self.data,
-        }
-        path = save_checkpoint(self.config.run_dir, step, {**record, **contents}, keep=self.config.keep_checkpoints)
-        self.last_saved, self.saved = self.clock(), True
-        return path
-
-    def restore(self, saved: dict, path: Path) -> int:
-        """Load a checkpoint's contents into the run's parts; returns its step."""
-        if saved["data"] != self.data:
-            raise UserError(
-                f"the training data differs from the one {path} was trained on ({saved['data']['source']}, "
-                f"{saved['data']['train_tokens']:,} tokens): resume with the same data, or start a new run"
-            )
-        try:
-            self.state.restore(saved)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}): is it from another "
-                            "run?") from None
-        return saved["step"]
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:g} minute{'' if seconds == 60 else 's'}"
