@@ -286,6 +286,8 @@ def cmd_eval(args) -> int:
         tokens, source = tokenize_inputs(args.inputs), ", ".join(args.inputs)
     else:
         corpus = load_corpus(args.data or "")
+        if corpus.note:
+            print(f"gpt2train eval: {corpus.note}", file=sys.stderr)
         tokens, source = corpus.val, f"{corpus.source} (validation split)"
     if len(tokens) < 2:
         raise UserError(f"{source} holds fewer than two tokens: nothing to score")

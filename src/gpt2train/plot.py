@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 from .config import load_toml
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import atomic_write
 from .metrics import CONFIG_FILE, read_metrics
 from .optional import require
@@ -15,6 +15,7 @@ from .optional import require
 PLOT_FILE = "loss.png"
 
 _warming: threading.Thread | None = None  # the drawing that warm_up() started, while it runs
+_warm_up_failed: Exception | None = None  # what made it fail, other than matplotlib not being installed
 
 
 def warm_up() -> None:
@@ -24,10 +25,13 @@ def warm_up() -> None:
     global _warming
 
     def draw() -> None:
+        global _warm_up_failed
         try:
             _save(_figure("warm-up", {"target_loss": 0.5}, [(1, 10.0), (50, 0.4)], [(50, 0.6)]), io.BytesIO())
         except UserError:  # not installed: the end of the run says so
             pass
+        except Exception as e:  # noqa: BLE001 - said by the plot it was for, in one line
+            _warm_up_failed = e
 
     _warming = threading.Thread(target=draw, daemon=True, name="gpt2train-plot-warm-up")
     _warming.start()
@@ -44,6 +48,9 @@ def plot_run(run_dir: str | Path) -> Path:
         raise UserError(f"{run_dir} has no losses recorded yet: plot it after its first logged step")
     if _warming is not None:
         _warming.join()  # matplotlib draws one figure at a time
+    if _warm_up_failed is not None:  # importing matplotlib again after a failed import may fail another way
+        raise UserError(f"matplotlib failed to draw ({type(_warm_up_failed).__name__}: {one_line(_warm_up_failed)}): "
+                        f"draw the plot later with `gpt2train plot {run_dir}`")
     title = f"{run_dir.name} ({config['preset']} preset)" if "preset" in config else run_dir.name
     figure = _figure(title, config, train, val)
     path = run_dir / PLOT_FILE

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import latest_checkpoint
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..files import WriteError
 from ..final_model import final_model_path, save_final_model
 from ..metrics import RunRecorder
@@ -17,7 +17,8 @@ from ..plot import plot_run
 from . import distributed
 from .outcome import Outcome
 from .report import (
-    Log, diverged_line, final_model_lost, out_of_steps_line, stopped_line, target_checkpoint_lost, target_lines,
+    Log, diverged_line, end_checkpoint_lost, final_model_lost, out_of_steps_line, stopped_line, target_checkpoint_lost,
+    target_lines,
 )
 from .setup import Setup
 
@@ -66,10 +67,7 @@ class Background:
 def _reason(error: Exception) -> str:
     """Why a write failed, in one line. Any exception counts: a writer may fail in any way (torch's
     zip writer reports some failed writes as RuntimeErrors)."""
-    if isinstance(error, WriteError):
-        return error.reason
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return error.reason if isinstance(error, WriteError) else one_line(error)
 
 
 class Ending:
@@ -89,10 +87,10 @@ class Ending:
             ended = Ended(checkpoint=latest_checkpoint(config.run_dir))
             self.log(diverged_line(step, s.monitor.bad_in_a_row, ended.checkpoint))
         elif outcome == Outcome.INTERRUPTED:
-            ended = Ended(checkpoint=s.checkpointer.save(step, position=position))
+            ended = Ended(checkpoint=self._last_checkpoint(step, None, position))
             self.log(stopped_line(step, ended.checkpoint, config.run_dir, s.world))
         else:
-            ended = Ended(checkpoint=s.checkpointer.save(step, Outcome.MAX_STEPS))
+            ended = Ended(checkpoint=self._last_checkpoint(step, Outcome.MAX_STEPS, None))
             self.log(out_of_steps_line(config, best, ended.checkpoint))
         self._close_records()  # while the target's checkpoint is being written
         if writing is not None:
@@ -100,6 +98,16 @@ class Ending:
             if error is not None:
                 self.log(target_checkpoint_lost(step, error, latest_checkpoint(config.run_dir)))
         return ended
+
+    def _last_checkpoint(self, step: int, finished: Outcome | None, position: dict | None) -> Path:
+        """The checkpoint a run that stops short of its target ends with; one that cannot be written
+        ends the run with the line that says what is lost."""
+        try:
+            return self.setup.checkpointer.save(step, finished, position)
+        except WriteError as e:
+            self._close_records()
+            raise UserError(end_checkpoint_lost(step, e.reason, latest_checkpoint(self.setup.config.run_dir),
+                                                self.setup.config.run_dir)) from None
 
     def _reached_target(self, step: int, best: float, position: dict | None) -> tuple[Ended, Background | None]:
         """The final model, then the checkpoint of the target step (which lets --resume train further

@@ -103,7 +103,7 @@ class Trainer:
         try:
             for line in opening_lines(s) + ([startup_line(s.timings)] if debug else []):
                 self.log(line)
-            self.recorder = RunRecorder(config, resumed_step=s.step) if world.is_main else None
+            self.recorder = RunRecorder(config, resumed_step=s.step, log=self.log) if world.is_main else None
         except BaseException:
             self.close()
             raise
@@ -171,7 +171,7 @@ class Trainer:
             return Outcome.INTERRUPTED
         # Never during a run of bad steps: the last good checkpoint is the one to go back to.
         if result.checkpoint and monitor.bad_in_a_row == 0:
-            self.log(f"checkpoint saved: {self.setup.checkpointer.save(self.step, position=done.rewind_position)}")
+            self.log(self.setup.checkpointer.save_periodic(self.step, position=done.rewind_position))
         return None
 
     def _report(self, seen: Seen) -> None:

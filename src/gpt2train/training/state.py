@@ -18,9 +18,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..checkpoint import checkpoint_path, save_checkpoint
+from ..checkpoint import checkpoint_path, latest_checkpoint, save_checkpoint
 from ..config import TrainConfig
 from ..errors import UserError
+from ..files import WriteError, write_fix
 from . import distributed
 from .distributed import World
 from .outcome import Outcome
@@ -144,9 +145,23 @@ class Checkpointer:
         """Collect the run's state and write the checkpoint of `step`: a collective (every rank calls
         it, rank 0 writes). `position` as in `RunState.collect`."""
         contents = self.state.collect(position)
-        path = self.write(step, contents, finished) if self.world.is_main else checkpoint_path(self.config.run_dir, step)
-        distributed.barrier(self.world)
-        return path
+        try:
+            return self.write(step, contents, finished) if self.world.is_main else checkpoint_path(self.config.run_dir, step)
+        finally:
+            distributed.barrier(self.world)  # also after a failed write: every rank goes on together
+
+    def save_periodic(self, step: int, position: dict | None = None) -> str:
+        """Write the periodic checkpoint of `step`, as `save` does; the line that says how it went.
+
+        One that cannot be written (a full disk) costs nothing yet: the weights are in memory. So the
+        run goes on, and tries again when the next checkpoint is due (not at every step: a large one
+        would fill the disk again each time); until one is written, a stop or a crash loses the
+        training since the last one."""
+        try:
+            return f"checkpoint saved: {self.save(step, position=position)}"
+        except WriteError as e:
+            self.last_saved = self.clock()
+            return checkpoint_not_written(step, e.reason, write_fix(e.code), latest_checkpoint(self.config.run_dir))
 
     def write(self, step: int, contents: dict, finished: Outcome | None = None) -> Path:
         """Rank 0: write the checkpoint of `step` from what `state.collect()` gave."""
@@ -179,3 +194,11 @@ class Checkpointer:
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} minute{'' if seconds == 60 else 's'}"
+
+
+def checkpoint_not_written(step: int, error: str, fix: str, last: Path | None) -> str:
+    """The line for a periodic checkpoint that failed; the run goes on."""
+    return (f"warning: could not write the checkpoint of step {step} ({error}): {fix}; training goes on and tries "
+            f"again at the next checkpoint, and until one is written a stop or a crash goes back to "
+            f"{last or 'the start'}")
+
