@@ -1,10 +1,14 @@
 """What the tests share: the tiny model, small corpora, and ways to run gpt2train and read what it prints."""
 
+import contextlib
+import errno
 import hashlib
+import http.server
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,9 +66,9 @@ def tiny_config(tmp_path, data_dir, **overrides):
     return resolve_config(overrides=values)
 
 
-def run_cli(*args, cwd=None, timeout=600):
-    """`python -m gpt2train ARGS` in a subprocess, as a user runs it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """`python -m gpt2train ARGS` in a subprocess, as a user runs it (with `env` added to the environment)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "gpt2train", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -111,3 +115,90 @@ def final_model_without_run(path) -> dict:
     contents["model_state_dict"] = {k: (v.dtype, tuple(v.shape), v.numpy().tobytes())
                                     for k, v in contents["model_state_dict"].items()}
     return contents
+
+
+@contextlib.contextmanager
+def small_file_system(path, size: str):
+    """A tmpfs of `size` mounted at `path` (needs root; skips without)."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """`path`, a directory, made read-only with what it holds: a read-only bind mount of itself when
+    run as root (whom permissions do not stop), else its permissions; skips where neither works."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)
+        return
+    for command in (["mount", "--bind", str(path), str(path)], ["mount", "-o", "remount,bind,ro", str(path)]):
+        mounted = subprocess.run(command, capture_output=True)
+        if mounted.returncode != 0:
+            if command[1] != "--bind":
+                subprocess.run(["umount", str(path)])
+            pytest.skip(f"cannot mount a read-only directory here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill(file_system: Path) -> Path:
+    """Take every free byte of `file_system` with a file of its own (delete it to free them)."""
+    filler = file_system / ".filler"
+    with open(filler, "ab", buffering=0) as f:
+        for block in (2**20, 4096):
+            try:
+                while True:
+                    f.write(bytes(block))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+    return filler
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files, honouring `Range: bytes=N-` as a download resume sends it."""
+
+    def do_GET(self):
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        asked = self.headers.get("Range")
+        self.server.requests.append((self.path, asked))
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
+        self.send_response(206 if asked else 200)
+        if asked:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    httpd.files, httpd.requests = {}, []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()

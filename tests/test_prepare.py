@@ -2,15 +2,13 @@
 
 import gzip
 import hashlib
-import http.server
 import importlib
 import json
 import socket
-import threading
 
 import numpy as np
 import pytest
-from helpers import run_cli, snapshot
+from helpers import run_cli, server, snapshot  # noqa: F401 - server is a fixture
 
 from gpt2train import prepare
 from gpt2train.corpus import load_corpus
@@ -201,39 +199,6 @@ def test_an_interrupted_prepare_leaves_no_shard_and_is_restarted(tmp_path):
     (tmp_path / "a.txt").write_text("some text")
     prepare([str(tmp_path / "a.txt")], out)
     assert not list(out.glob(".*")) and load_corpus(str(out)).train
-
-
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves server.files, honouring `Range: bytes=N-` as a download resume sends it."""
-
-    def do_GET(self):
-        body = self.server.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        asked = self.headers.get("Range")
-        self.server.requests.append((self.path, asked))
-        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
-        self.send_response(206 if asked else 200)
-        if asked:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        self.wfile.write(body[start:])
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.files, httpd.requests = {}, []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def serve_docs(server, tmp_path) -> tuple[str, bytes]:

@@ -236,7 +236,8 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     except OSError as e:
-        raise UserError(f"cannot write to {path.parent}: {e.strerror}; {write_fix(e.errno)}") from None
+        raise UserError(f"could not write {path}: {e.strerror}; the previous directory, if any, is unchanged: "
+                        f"{write_fix(e.errno)}") from None
     old = tmp.with_suffix(".old")
     try:
         fill(tmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -130,7 +131,24 @@ class RunRecorder:
 
 def _tensorboard_writer(run_dir: Path):
     tensorboard = require("torch.utils.tensorboard", "--tensorboard", "tensorboard", needs="the tensorboard package")
+    _quiet_tensorboard_threads()
     return tensorboard.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _quiet_tensorboard_threads() -> None:
+    """TensorBoard writes events on a thread of its own, which prints a traceback when a write fails (a
+    full disk) and hands the error to the writer's next call, in record() or close(), where it is said in
+    one line: the thread's traceback is left unsaid."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def _wandb_run(config: TrainConfig):
