@@ -161,6 +161,7 @@ def test_a_full_run_directory_at_the_start_loses_the_records_only(disk, small_co
     assert not [p for p in (disk / "run").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a thread's traceback fails it
 def test_a_full_disk_while_recording_keeps_every_whole_record(disk, small_corpus, capsys, monkeypatch):
     """metrics.jsonl's appends go on in the room its last block has; the first that finds none is
     undone, the records stop there, and the run goes on. The same for the TensorBoard events."""
