@@ -105,6 +105,18 @@ def snapshot(directory: Path) -> dict:
     }
 
 
+def damage(path, change) -> None:
+    path.write_bytes(change(path.read_bytes()))
+
+
+def flip(path, at: float) -> None:
+    """Invert 8 bytes at a fraction `at` of the way through the file."""
+    data = bytearray(path.read_bytes())
+    start = min(int(len(data) * at), len(data) - 8)
+    data[start : start + 8] = bytes(b ^ 0xFF for b in data[start : start + 8])
+    path.write_bytes(bytes(data))
+
+
 def final_model_without_run(path) -> dict:
     """A final model's contents less the record of the run that wrote it: what two runs that trained
     the same model have in common, bit for bit."""

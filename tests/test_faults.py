@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 from helpers import (
-    TINY_FLAGS, cli, fill, quiet, read_only, run_cli, server, small_file_system, snapshot,  # noqa: F401 - a fixture
-    tiny_config,
+    TINY_FLAGS, cli, damage, fill, flip, quiet, read_only, run_cli, server, small_file_system,  # noqa: F401 - a fixture
+    snapshot, tiny_config,
 )
 
 from gpt2train import prepare
@@ -329,3 +329,85 @@ def test_a_download_onto_a_location_it_cannot_write_says_so(fault, server, tmp_p
                 READ_ONLY if fault == "read-only" else NO_SPACE, "choose another --cache-dir")
         assert {name: facts for name, facts in snapshot(disk).items() if not name.endswith(".partial")} == before
         assert not (tmp_path / "data").exists()
+
+
+# --- damaged inputs: refused or rebuilt in one line, never loaded silently ------------------------------------
+
+DAMAGES = {"truncated": lambda path: damage(path, lambda b: b[: len(b) * 2 // 3]),
+           "bit-flipped": lambda path: flip(path, 0.6)}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, small_corpus):
+    """A run of 4 steps (a checkpoint, metrics.jsonl) and final models in both formats (shared: copied before use)."""
+    root = tmp_path_factory.mktemp("written")
+    shutil.copytree(small_corpus, root / "data")
+    quiet(tiny_config(root, root / "data", max_steps=4, warmup_steps=1, target_loss=0.0, log_interval=1))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    for name in ("final_model.pt", "final_model.safetensors"):
+        save_final_model(model, root / name, 1, 1.0)
+    return root
+
+
+@pytest.fixture
+def copy(written, tmp_path, monkeypatch):
+    shutil.copytree(written, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# file -> (the file in a copy of `written`, the command that reads it, what its one line says)
+DAMAGED = {
+    "shard": (lambda w: w / "data" / "train_000000.bin", lambda w: train_args(w / "data", w / "r", w / "o"),
+              "token file"),
+    "manifest": (lambda w: w / "data" / "manifest.json", lambda w: train_args(w / "data", w / "r", w / "o"),
+                 "manifest.json"),
+    "checkpoint": (lambda w: list_checkpoints(w / "run")[-1], lambda w: ["train", "--resume", w / "run",
+                                                                         "--max-steps", "6"], "step_00000004.pt"),
+    "final model": (lambda w: w / "final_model.pt", lambda w: ["sample", "--model", w / "final_model.pt"],
+                    "final_model.pt"),
+    "safetensors final model": (lambda w: w / "final_model.safetensors",
+                                lambda w: ["eval", "--model", w / "final_model.safetensors", "--data", w / "data"],
+                                "final_model.safetensors"),
+    "metrics file": (lambda w: w / "run" / "metrics.jsonl", lambda w: ["plot", w / "run"], "metrics.jsonl is damaged"),
+}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("what", DAMAGED)
+def test_a_damaged_file_is_refused_in_one_line(what, how, copy, capsys):
+    where, command, named = DAMAGED[what]
+    if what == "safetensors final model":
+        pytest.importorskip("safetensors")
+    DAMAGES[how](where(copy))
+    before = snapshot(copy)
+    code, out, err = cli(capsys, *command(copy))
+    refused(code, out, err, named)
+    assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_resumed_run_keeps_the_readable_records_of_a_damaged_metrics_file(how, copy, capsys):
+    metrics = copy / "run" / "metrics.jsonl"
+    DAMAGES[how](metrics)
+    code, out, err = cli(capsys, "train", "--resume", copy / "run", "--max-steps", "6")
+    warned_once(code, out, err, f"{metrics} was damaged (1 line(s) not records, the first: line ")
+    steps = [r["step"] for r in read_metrics(copy / "run")]
+    assert steps == sorted(set(steps)) and steps[-2:] == [5, 6] and len(steps) < 6  # the damaged record dropped
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_token_cache_is_tokenized_again_and_said_once(how, tmp_path, monkeypatch):
+    import gpt2train.corpus as corpus
+    from gpt2train.sources import Fragment, Source
+
+    monkeypatch.setenv("GPT2TRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(corpus, "builtin_source", lambda: Source(None, lambda: iter([Fragment("Some words. " * 300,
+                                                                                            True)])))
+    first = load_corpus()
+    [file] = (tmp_path / "tokens").iterdir()
+    DAMAGES[how](file)
+    again = load_corpus()
+    assert again.note.startswith(f"token cache {file} ") and again.note.endswith("the corpus was tokenized again")
+    assert again.train.read(0, len(again.train)).tolist() == first.train.read(0, len(first.train)).tolist()
+    assert first.note is None and load_corpus().note is None  # replaced by a whole file

@@ -18,7 +18,7 @@ from gpt2train.model import GPT, GPTConfig
 HUGE = "1" + "0" * 30
 # What a user types wrongly, as the shell hands it over: a file name that is not UTF-8 arrives as
 # surrogate escapes.
-VALUES = ["", "abc", "-1", "0", "nan", "inf", HUGE, "ünï€ ✓", os.fsdecode(b"\xff\xfebad")]
+VALUES = ["", "abc", "1.5", "-1", "0", "nan", "inf", "-inf", HUGE, "ünï€ ✓", os.fsdecode(b"\xff\xfebad")]
 PATHS = ["a_file.txt", "a_directory", "missing", "unreadable.txt", "a_file.txt/below"]
 
 
@@ -43,15 +43,17 @@ def place(tmp_path, monkeypatch):
 @pytest.fixture
 def set_up_only(monkeypatch):
     """`train` and `bench` end once their run is set up: config resolved and validated, the run's
-    paths checked and its data read; training and timing are stubbed."""
+    paths and memory checked and its data read; training and timing are stubbed."""
     import gpt2train.bench as bench
     import gpt2train.training.loop as loop
     from gpt2train.corpus import load_corpus
+    from gpt2train.runtime import check_fits, resolve_device
     from gpt2train.training.outcome import Outcome
     from gpt2train.training.start import start_run
 
     def train(config, **_):
         start_run(config)
+        check_fits(config, resolve_device(config.device))
         load_corpus(config.data)
         return argparse.Namespace(status=Outcome.MAX_STEPS)
 
@@ -116,17 +118,25 @@ def flag_cases() -> list[tuple[str, str]]:
     return cases
 
 
-def one_line_or_accepted(code, out, err) -> str | None:
-    """What is wrong with how a case ended, if anything."""
+def problem_with(capsys, place, *args) -> str | None:
+    """What is wrong with how `gpt2train ARGS` ended, if anything. It must end in one line and exit
+    status 2, having written nothing, or be accepted: done (0), or set up and stopped (3, a stubbed
+    train); never a traceback."""
+    before = sorted(place.rglob("*"))
+    try:
+        code, out, err = cli(capsys, *args)
+    except Enough:
+        capsys.readouterr()
+        return None
+    except Exception as e:  # noqa: BLE001 - every case is reported, not only the first
+        return f"raised {type(e).__name__}: {e}"
     if "Traceback" in out + err:
         return "a traceback"
     if code == 2:
         if not (err.startswith("gpt2train") and err.count("\n") == 1):
             return f"not one line: {err!r}"
-        return None
-    if code not in (0, 3):  # accepted: done, or (train) set up and stopped
-        return f"exit status {code}: {err!r}"
-    return None
+        return "wrote files" if sorted(place.rglob("*")) != before else None
+    return None if code in (0, 3) else f"exit status {code}: {err!r}"
 
 
 @pytest.mark.parametrize("command, option", flag_cases())
@@ -143,17 +153,9 @@ def test_every_flag_given_a_wrong_value_ends_in_one_line_or_runs(command, option
         cases = [[value] for value in values]
     problems = []
     for number, extra in enumerate(cases):
-        args = [command, *base_args(command, place / f"out{number}", model_file, small_corpus), *extra]
         short_samples.clear()
-        try:
-            code, out, err = cli(capsys, *args)
-        except Enough:
-            capsys.readouterr()
-            continue
-        except BaseException as e:  # noqa: BLE001 - every case is reported, not only the first
-            problems.append(f"{extra}: raised {type(e).__name__}: {e}")
-            continue
-        problem = one_line_or_accepted(code, out, err)
+        problem = problem_with(capsys, place, command,
+                               *base_args(command, place / f"out{number}", model_file, small_corpus), *extra)
         if problem:
             problems.append(f"{extra}: {problem}")
     assert not problems, "\n".join(problems)
@@ -190,12 +192,7 @@ def test_every_config_key_given_a_wrong_value_ends_in_one_line_or_runs(place, sm
     problems = []
     for name, content in config_cases():
         (place / "config.toml").write_bytes(content)
-        try:
-            code, out, err = cli(capsys, "train", *TINY_FLAGS, "--data", small_corpus, "--config", "config.toml")
-        except BaseException as e:  # noqa: BLE001 - every case is reported, not only the first
-            problems.append(f"{name!r}: raised {type(e).__name__}: {e}")
-            continue
-        problem = one_line_or_accepted(code, out, err)
+        problem = problem_with(capsys, place, "train", *TINY_FLAGS, "--data", small_corpus, "--config", "config.toml")
         if problem:
             problems.append(f"{name!r}: {problem}")
     assert not problems, "\n".join(problems)
