@@ -141,7 +141,15 @@ def small_file_system(path, size: str):
     try:
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=True)
+        unmount(path)
+
+
+def unmount(path) -> None:
+    """Unmount `path`; one that a failed test left a file open on is detached all the same, and the
+    failure reported."""
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+        pytest.fail(f"a file was left open on {path}")
 
 
 @contextlib.contextmanager
@@ -166,7 +174,7 @@ def read_only(path):
     try:
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=True)
+        unmount(path)
 
 
 def fill(file_system: Path) -> Path:

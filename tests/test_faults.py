@@ -123,6 +123,34 @@ def test_a_full_token_cache_is_said_once_and_the_run_goes_on(disk, tmp_path, mon
     assert sorted(p.name for p in (disk / "tokens").iterdir()) == []  # no partial file
 
 
+def test_a_failed_background_import_is_one_line_on_the_main_thread_and_never_tried_again(tmp_path, monkeypatch):
+    from gpt2train.errors import UserError
+    from gpt2train.runtime import import_in_background
+
+    runs = tmp_path / "runs"
+    (tmp_path / "half_imported.py").write_text(f"open({str(runs)!r}, 'a').write('ran\\n')\n"
+                                               "raise OSError(30, 'Read-only file system')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"could not import half_imported \(OSError: \[Errno 30\] Read-only file "
+                                        r"system\): check the torch installation") as raised:
+        import_in_background("half_imported").join()
+    assert "\n" not in str(raised.value) and isinstance(raised.value.__cause__, OSError)  # --debug shows it
+    assert runs.read_text() == "ran\n"
+
+
+def test_a_failed_plot_warm_up_is_one_line_at_the_plot(plotted_run, monkeypatch):
+    from gpt2train import plot
+    from gpt2train.errors import UserError
+
+    monkeypatch.setattr(plot, "_warm_up_failed", None)
+    monkeypatch.setattr(plot, "_warming", None)
+    monkeypatch.setattr(plot, "_save", lambda fig, f: (_ for _ in ()).throw(RuntimeError("no fonts\nat all")))
+    plot.warm_up()
+    with pytest.raises(UserError, match=r"^matplotlib failed to draw \(RuntimeError: no fonts\): draw the plot later "
+                                        r"with `gpt2train plot "):
+        plot.plot_run(plotted_run)
+
+
 # --- the run directory: its lock, config.toml, metrics.jsonl, TensorBoard events, checkpoints, loss.png ------
 
 
