@@ -157,8 +157,9 @@ def use_compile_cache() -> str | None:
     otherwise), so that they outlive a reboot and a second run reuses the first one's compiled code.
 
     torch creates that directory when torch._dynamo is first imported (every optimizer imports it),
-    and the import fails if it cannot: a directory that cannot be written (a read-only image, a full
-    disk) is replaced by a temporary one for this process. Returns the line that says so."""
+    and the import fails if it cannot: a directory that cannot be written or created (a read-only
+    image, a path below a file) is replaced by a temporary one for this process. Returns the line
+    that says so."""
     wanted = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(cache_dir() / "inductor")
     try:
         os.makedirs(wanted, exist_ok=True)
