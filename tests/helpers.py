@@ -1,5 +1,7 @@
 """What the tests share: the tiny model, small corpora, and ways to run gpt2train and read what it prints."""
 
+import contextlib
+import errno
 import hashlib
 import http.server
 import os
@@ -60,9 +62,9 @@ def tiny_config(tmp_path, data_dir, **overrides):
     return resolve_config(overrides=values)
 
 
-def run_cli(*args, cwd=None, timeout=600):
-    """`python -m gpt2train ARGS` in a subprocess, as a user runs it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """`python -m gpt2train ARGS` in a subprocess, as a user runs it (with `env` added to the environment)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "gpt2train", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -97,6 +99,18 @@ def snapshot(directory: Path) -> dict:
         str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
         for p in sorted(directory.rglob("*")) if p.is_file()
     }
+
+
+def damage(path, change) -> None:
+    path.write_bytes(change(path.read_bytes()))
+
+
+def flip(path, at: float) -> None:
+    """Invert 8 bytes at a fraction `at` of the way through the file."""
+    data = bytearray(path.read_bytes())
+    start = min(int(len(data) * at), len(data) - 8)
+    data[start : start + 8] = bytes(b ^ 0xFF for b in data[start : start + 8])
+    path.write_bytes(bytes(data))
 
 
 def final_model_without_run(path) -> dict:
@@ -144,6 +158,68 @@ def write_hellaswag(path: Path, items=None) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def small_file_system(path, size: str):
+    """A tmpfs of `size` mounted at `path` (needs root; skips without)."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        unmount(path)
+
+
+def unmount(path) -> None:
+    """Unmount `path`; one that a failed test left a file open on is detached all the same, and the
+    failure reported."""
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+        pytest.fail(f"a file was left open on {path}")
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """`path`, a directory, made read-only with what it holds: a read-only bind mount of itself when
+    run as root (whom permissions do not stop), else its permissions; skips where neither works."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)
+        return
+    for command in (["mount", "--bind", str(path), str(path)], ["mount", "-o", "remount,bind,ro", str(path)]):
+        mounted = subprocess.run(command, capture_output=True)
+        if mounted.returncode != 0:
+            if command[1] != "--bind":
+                subprocess.run(["umount", str(path)])
+            pytest.skip(f"cannot mount a read-only directory here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        unmount(path)
+
+
+def fill(file_system: Path) -> Path:
+    """Take every free byte of `file_system` with a file of its own (delete it to free them)."""
+    filler = file_system / ".filler"
+    with open(filler, "ab", buffering=0) as f:
+        for block in (2**20, 4096):
+            try:
+                while True:
+                    f.write(bytes(block))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+    return filler
+
+
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves server.files, honouring `Range: bytes=N-` as a download resume sends it."""
 
@@ -164,3 +240,4 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import TINY_FLAGS, cli, snapshot, tiny_config
+from helpers import TINY_FLAGS, cli, damage, flip, snapshot, tiny_config
 
 from gpt2train import GPT, GPTConfig, train
 from gpt2train.data import HEADER, shard_name
@@ -39,20 +39,8 @@ def work(originals, tmp_path, monkeypatch):
     return tmp_path
 
 
-def damage(path, change) -> None:
-    path.write_bytes(change(path.read_bytes()))
-
-
 def damage_token_file(work, change) -> None:
     damage(work / "data" / shard_name("train", 0), change)
-
-
-def flip(path, at: float) -> None:
-    """Invert 8 bytes at a fraction `at` of the way through the file."""
-    data = bytearray(path.read_bytes())
-    start = min(int(len(data) * at), len(data) - 8)
-    data[start : start + 8] = bytes(b ^ 0xFF for b in data[start : start + 8])
-    path.write_bytes(bytes(data))
 
 
 def write(path, text) -> None:

@@ -2,7 +2,6 @@
 where and how to write the final model from them. Tested with real faults: a full file system and a
 file-size limit."""
 
-import contextlib
 import os
 import resource
 import signal
@@ -12,28 +11,13 @@ import time
 
 import pytest
 import torch
-from helpers import TINY_FLAGS, final_model_without_run, run_cli
+from helpers import TINY_FLAGS, final_model_without_run, run_cli, small_file_system
 
 from gpt2train.checkpoint import read_checkpoint
 
 # The tests' tiny model reaches a target of 100 at its first step. Its final model is 3.2 MB (fp16);
 # its checkpoint, with the AdamW moments in fp32, 19.5 MB.
 RUN = ["train", *TINY_FLAGS, "--target-loss", "100"]
-
-
-@contextlib.contextmanager
-def small_file_system(path, size: str):
-    """A tmpfs of `size` mounted at `path` (needs root; skips without)."""
-    path.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def run_with_file_size_limit(limit: int, *args) -> subprocess.CompletedProcess:

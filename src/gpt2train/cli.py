@@ -335,6 +335,10 @@ def cmd_presets(args) -> int:
 
 
 def main(argv: list[str] | None = None, exit_now: bool = False) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        # A path that is not UTF-8 (the shell's bytes, as surrogate escapes) is printed escaped, not an error.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

@@ -243,6 +243,9 @@ def load_toml(path: str | Path) -> dict:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML ({e}): fix the syntax") from None
+    except UnicodeDecodeError as e:  # tomllib decodes the bytes itself, and TOML is UTF-8 only
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}): "
+                        "save it as UTF-8") from None
     return _check_keys(values, f"config file {path}")
 
 

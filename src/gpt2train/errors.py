@@ -8,3 +8,9 @@ class UserError(Exception):
 
     The command line prints it without a traceback and exits with EXIT_USER_ERROR.
     """
+
+
+def one_line(error: BaseException) -> str:
+    """What an exception says, in one line: the first line of its text, else its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -32,9 +32,20 @@ class WriteError(UserError):
     """A file could not be written (a full disk, a file-size limit, no permission); the previous
     file, if any, is unchanged."""
 
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"could not write {path}: {reason}; the previous file, if any, is unchanged")
-        self.path, self.reason = path, reason
+    def __init__(self, path: Path, reason: str, code: int | None = None):
+        super().__init__(f"could not write {path}: {reason}; the previous file, if any, is unchanged: "
+                         f"{write_fix(code)}")
+        self.path, self.reason, self.code = path, reason, code
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def write_fix(code: int | None) -> str:
+    """What to do about a write that failed with OS error `code`."""
+    if code in _FULL:
+        return "free some space there, or write elsewhere"
+    return "make the directory writable, or write elsewhere"
 
 
 def _writer_tag() -> str:
@@ -166,7 +177,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], direct: bo
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.",
                                    suffix=".tmp")
     except OSError as e:
-        raise UserError(f"cannot write to {path.parent}: {e.strerror}; choose a writable directory") from None
+        raise WriteError(path, e.strerror or str(e), e.errno) from None
     try:
         with DirectFile(fd) if direct else os.fdopen(fd, "wb") as raw:
             f = _RecordingFile(raw)
@@ -183,7 +194,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], direct: bo
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise WriteError(path, e.strerror or str(e)) from None
+            raise WriteError(path, e.strerror or str(e), e.errno) from None
         raise
     _fsync_dir(path.parent)
 
@@ -225,7 +236,8 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     except OSError as e:
-        raise UserError(f"cannot write to {path.parent}: {e.strerror}; choose a writable directory") from None
+        raise UserError(f"could not write {path}: {e.strerror}; the previous directory, if any, is unchanged: "
+                        f"{write_fix(e.errno)}") from None
     old = tmp.with_suffix(".old")
     try:
         fill(tmp)
@@ -242,7 +254,8 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
         if old.exists() and not path.exists():
             os.replace(old, path)
         if isinstance(e, OSError):
-            raise UserError(f"could not write {path}: {e.strerror}; the previous directory, if any, is unchanged") from None
+            raise UserError(f"could not write {path}: {e.strerror}; the previous directory, if any, is unchanged: "
+                            f"{write_fix(e.errno)}") from None
         raise
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)

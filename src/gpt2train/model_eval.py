@@ -40,6 +40,8 @@ def score_text(model_path: str, inputs: list[str], data: str | None, seq_len: in
         tokens, source = tokenize_inputs(inputs), ", ".join(inputs)
     else:
         corpus = load_corpus(data or "")
+        if corpus.note:
+            print(f"gpt2train eval: {corpus.note}", file=sys.stderr)
         tokens, source = corpus.val, f"{corpus.source} (validation split)"
     if len(tokens) < 2:
         raise UserError(f"{source} holds fewer than two tokens: nothing to score")

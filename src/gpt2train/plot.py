@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from .config import load_toml
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import atomic_write
 from .metrics import CONFIG_FILE, read_metrics
 from .optional import require
@@ -19,6 +19,7 @@ ACCURACIES = {"hellaswag_acc_norm": "HellaSwag acc_norm", "hellaswag_acc": "Hell
               "hellaswag_acc_norm_completion": "HellaSwag acc_norm, completion style"}
 
 _warming: threading.Thread | None = None  # the drawing that warm_up() started, while it runs
+_warm_up_failed: Exception | None = None  # what made it fail, other than matplotlib not being installed
 
 
 def warm_up() -> None:
@@ -28,10 +29,13 @@ def warm_up() -> None:
     global _warming
 
     def draw() -> None:
+        global _warm_up_failed
         try:
             _save(_figure("warm-up", {"target_loss": 0.5}, [(1, 10.0), (50, 0.4)], [(50, 0.6)], {}), io.BytesIO())
         except UserError:  # not installed: the end of the run says so
             pass
+        except Exception as e:  # noqa: BLE001 - said by the plot it was for, in one line
+            _warm_up_failed = e
 
     _warming = threading.Thread(target=draw, daemon=True, name="gpt2train-plot-warm-up")
     _warming.start()
@@ -49,6 +53,9 @@ def plot_run(run_dir: str | Path) -> Path:
         raise UserError(f"{run_dir} has no losses recorded yet: plot it after its first logged step")
     if _warming is not None:
         _warming.join()  # matplotlib draws one figure at a time
+    if _warm_up_failed is not None:  # importing matplotlib again after a failed import may fail another way
+        raise UserError(f"matplotlib failed to draw ({type(_warm_up_failed).__name__}: {one_line(_warm_up_failed)}): "
+                        f"draw the plot later with `gpt2train plot {run_dir}`")
     title = f"{run_dir.name} ({config['preset']} preset)" if "preset" in config else run_dir.name
     figure = _figure(title, config, train, val, {key: points for key, points in accuracies.items() if points})
     path = run_dir / PLOT_FILE

@@ -21,7 +21,7 @@ from .data import (
     token_header,
 )
 from .errors import UserError
-from .files import atomic_write, check_writable_dir, file_sha256
+from .files import WriteError, atomic_write, check_writable_dir, file_sha256
 from .progress import Progress
 from .sources import (
     BUILTIN_NAME, DEFAULT_HF_SPLIT, DEFAULT_TEXT_FIELD, Fragment, Source, resolve_sources,
@@ -31,6 +31,7 @@ from .tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB_SIZE, TOKENIZER_NAME, get_t
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SHARD_TOKENS = 100_000_000
 DOWNLOADS = "downloads"  # where URLs are cached inside the output directory, unless --cache-dir says otherwise
+PENDING_MANIFEST = f".{MANIFEST_FILE}.new"  # the new manifest, until the new shards are in place
 # Documents longer than this many characters are tokenized in pieces of about this size, cut where
 # the cut cannot change a token (see _CUT), so one huge file neither fills memory nor one core.
 PIECE_CHARS = 1 << 20
@@ -171,7 +172,10 @@ class ShardWriter:
 
     def discard(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # what it still buffered finds the disk full: the file is deleted anyway
+                pass
             self._file = None
         for index in range(len(self.shards) + 1):
             self._temporary(index).unlink(missing_ok=True)
@@ -367,9 +371,10 @@ def prepare(inputs: list[str], out_dir: str | Path, val_fraction: float = DEFAUL
             "text_sha256": tokenized.text_sha256,
         }
         _commit(out, writers, manifest)
-    except OSError as e:
+    except (OSError, WriteError) as e:
         _discard(out, writers, created)
-        raise UserError(f"could not write the prepared data to {out}: {e.strerror}; free some space or choose "
+        reason = e.reason if isinstance(e, WriteError) else e.strerror
+        raise UserError(f"could not write the prepared data to {out}: {reason}; free some space or choose "
                         f"another --out") from None
     except BaseException:
         _discard(out, writers, created)
@@ -385,7 +390,10 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 
 
 def _commit(out: Path, writers: dict[str, ShardWriter], manifest: dict) -> None:
-    """Swap the new shards in and the old data set out; the new manifest, written last, completes it."""
+    """Swap the new shards in and the old data set out; the new manifest, renamed into place last,
+    completes it. It is written first, under a temporary name: the last write that a full disk can
+    fail, while the old data set is still whole."""
+    atomic_write(out / PENDING_MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode() + b"\n"))
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the directory is no data set until the end
     new = {shard["file"] for writer in writers.values() for shard in writer.shards}
     for old in out.iterdir():
@@ -393,12 +401,13 @@ def _commit(out: Path, writers: dict[str, ShardWriter], manifest: dict) -> None:
             old.unlink()
     for writer in writers.values():
         writer.commit()
-    atomic_write(out / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=2).encode() + b"\n"))
+    os.replace(out / PENDING_MANIFEST, out / MANIFEST_FILE)
 
 
 def _discard(out: Path, writers: dict[str, ShardWriter], created: list[Path]) -> None:
     for writer in writers.values():
         writer.discard()
+    (out / PENDING_MANIFEST).unlink(missing_ok=True)
     for directory in created:
         try:
             directory.rmdir()  # only if nothing (a download worth keeping) is in it

@@ -10,6 +10,7 @@ import importlib
 import os
 import random
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHE_ENV = "GPT2TRAIN_CACHE"
@@ -134,14 +135,13 @@ def use_compile(requested: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if requested is None else requested
 
 
-def configure_backends(device: torch.device, deterministic: bool = False) -> None:
+def configure_backends(device: torch.device, deterministic: bool = False) -> str | None:
     """Process settings that make training faster: TF32 for fp32 matrix products on GPUs that
     have it; on a CPU, an allocator that keeps freed memory for the next step; torch.compile's
-    caches kept in cache_dir()/inductor (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so that
-    they outlive a reboot and a second run reuses the first one's compiled code. With
-    `deterministic`, also the settings that make a run repeat itself exactly (make_deterministic);
-    call it before the first matrix product of the process."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    caches (use_compile_cache). With `deterministic`, also the settings that make a run repeat
+    itself exactly (make_deterministic); call it before the first matrix product of the process.
+    Returns the line that says the compile cache is not used, if it is not."""
+    note = use_compile_cache()
     if deterministic:
         make_deterministic()
     if device.type == "cuda":
@@ -149,6 +149,34 @@ def configure_backends(device: torch.device, deterministic: bool = False) -> Non
         torch.backends.cudnn.allow_tf32 = True
     elif device.type == "cpu":
         keep_freed_memory_mapped()
+    return note
+
+
+def use_compile_cache() -> str | None:
+    """Keep torch.compile's caches in cache_dir()/inductor (unless TORCHINDUCTOR_CACHE_DIR says
+    otherwise), so that they outlive a reboot and a second run reuses the first one's compiled code.
+
+    torch creates that directory when torch._dynamo is first imported (every optimizer imports it),
+    and the import fails if it cannot: a directory that cannot be written or created (a read-only
+    image, a path below a file) is replaced by a temporary one for this process. Returns the line
+    that says so."""
+    wanted = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(cache_dir() / "inductor")
+    try:
+        os.makedirs(wanted, exist_ok=True)
+        with tempfile.TemporaryFile(dir=wanted):
+            pass
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = wanted
+        return None
+    except OSError as e:
+        problem = e.strerror or str(e)
+    try:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2train-inductor-")
+    except OSError as e:
+        raise UserError(f"torch needs a writable directory for its compile cache, and neither {wanted} ({problem}) "
+                        f"nor the temporary directory ({e.strerror}) is one: set {CACHE_ENV} to a writable "
+                        "directory") from None
+    return (f"compile cache not used: {wanted} cannot be written ({problem}); this run compiles into "
+            f"{os.environ['TORCHINDUCTOR_CACHE_DIR']} (set {CACHE_ENV} to a writable directory to keep the cache)")
 
 
 CUBLAS_WORKSPACE = ":4096:8"
@@ -251,19 +279,30 @@ def process_age() -> float | None:
     return uptime - started / os.sysconf("SC_CLK_TCK")
 
 
-def import_in_background(module: str) -> threading.Thread:
-    """Start importing `module` on a thread of its own; join the thread returned before using it. A
-    failed import is left to the import that needs the module, which fails the same way in one line."""
+class import_in_background:
+    """Import `module` on a thread of its own; `join()` before using it.
 
-    def load() -> None:
+    A failed import is raised by `join()` as one UserError line, and never tried again on the main
+    thread: the submodules it did import stay registered, and a second import of the module would
+    fail on them with a misleading error (torch._dynamo's "already registered")."""
+
+    def __init__(self, module: str):
+        self.module = module
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._load, daemon=True, name=f"gpt2train-import-{module}")
+        self._thread.start()
+
+    def _load(self) -> None:
         try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - raised again, and reported, where the module is used
-            pass
+            importlib.import_module(self.module)
+        except Exception as e:  # noqa: BLE001 - raised by join(), on the thread that uses the module
+            self._error = e
 
-    thread = threading.Thread(target=load, daemon=True, name=f"gpt2train-import-{module}")
-    thread.start()
-    return thread
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise UserError(f"could not import {self.module} ({type(self._error).__name__}: {one_line(self._error)}): "
+                            "check the torch installation, and run with --debug for the traceback") from self._error
 
 
 def start_device(device: torch.device) -> None:

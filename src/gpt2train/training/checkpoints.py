@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..checkpoint import checkpoint_path, latest_checkpoint, save_checkpoint
 from ..config import TrainConfig
-from ..errors import UserError
-from ..files import WriteError
+from ..errors import UserError, one_line
+from ..files import WriteError, write_fix
 from ..final_model import final_model_path, save_final_model
 from ..model import GPT
 from . import distributed
@@ -33,7 +33,7 @@ class EndSaves:
     final_model: Path | None = None  # written at the target
     final_path: Path | None = None  # where the final model was to be written
     final_error: str | None = None  # why it could not be, in one line
-    checkpoint_error: str | None = None  # why the target's checkpoint could not be written either
+    checkpoint_error: str | None = None  # why the last checkpoint could not be written
     writing: Background | None = None  # the target's checkpoint, still being written: wait with `result()`
 
 
@@ -82,13 +82,22 @@ class Checkpointer:
                     f"{_minutes(self.CHECKPOINT_SECONDS)}")
         return f"checkpoints {when}, at the end and when stopped, in {self.directory}"
 
-    def save_after(self, step: int, due: bool, bad_in_a_row: int, position: dict | None = None) -> Path | None:
+    def save_after(self, step: int, due: bool, bad_in_a_row: int, position: dict | None = None) -> str | None:
         """Once `step` is read: the checkpoint `due` asked for (as every rank learnt it with the step's
         numbers), unless the step is one of a run of bad steps, whose last good checkpoint is the one
-        to go back to. `position` as in `RunState.collect`."""
+        to go back to; the line that says how it went. `position` as in `RunState.collect`.
+
+        One that cannot be written (a full disk) costs nothing yet: the weights are in memory. So the
+        run goes on, and tries again when the next checkpoint is due (not at every step: a large one
+        would fill the disk again each time); until one is written, a stop or a crash loses the
+        training since the last one."""
         if not due or bad_in_a_row:
             return None
-        return self.save(step, position=position)
+        try:
+            return f"checkpoint saved: {self.save(step, position=position)}"
+        except WriteError as e:
+            self.last_saved = self.clock()
+            return checkpoint_not_written(step, e.reason, write_fix(e.code), latest_checkpoint(self.config.run_dir))
 
     def save_at_end(self, outcome: Outcome, model: GPT, step: int, best: float, position: dict | None) -> EndSaves:
         """What a run that ends as `outcome` after `step` writes (a collective). `position` is where the
@@ -102,10 +111,13 @@ class Checkpointer:
         """
         if outcome == Outcome.DIVERGED:
             return EndSaves(checkpoint=latest_checkpoint(self.config.run_dir))
-        if outcome == Outcome.INTERRUPTED:
-            return EndSaves(checkpoint=self.save(step, position=position))
-        if outcome == Outcome.MAX_STEPS:
-            return EndSaves(checkpoint=self.save(step, Outcome.MAX_STEPS))
+        if outcome in (Outcome.INTERRUPTED, Outcome.MAX_STEPS):
+            try:
+                if outcome == Outcome.MAX_STEPS:
+                    return EndSaves(checkpoint=self.save(step, Outcome.MAX_STEPS))
+                return EndSaves(checkpoint=self.save(step, position=position))
+            except WriteError as e:  # the run ends saying what is lost
+                return EndSaves(checkpoint=latest_checkpoint(self.config.run_dir), checkpoint_error=e.reason)
         contents = self.state.collect(position)  # a collective; from here on rank 0 alone writes
         saves = EndSaves(final_path=final_model_path(self.config.out_dir, self.config.format))
         if self.world.is_main:
@@ -126,9 +138,10 @@ class Checkpointer:
         """Collect the run's state and write the checkpoint of `step`: a collective (every rank calls
         it, rank 0 writes). `position` as in `RunState.collect`."""
         contents = self.state.collect(position)
-        path = self.write(step, contents, finished) if self.world.is_main else checkpoint_path(self.config.run_dir, step)
-        distributed.barrier(self.world)
-        return path
+        try:
+            return self.write(step, contents, finished) if self.world.is_main else checkpoint_path(self.config.run_dir, step)
+        finally:
+            distributed.barrier(self.world)  # also after a failed write: every rank goes on together
 
     def write(self, step: int, contents: dict, finished: Outcome | None = None) -> Path:
         """Rank 0: write the checkpoint of `step` from what `state.collect()` gave."""
@@ -194,11 +207,15 @@ class Background:
 def _reason(error: Exception) -> str:
     """Why a write failed, in one line. Any exception counts: a writer may fail in any way (torch's
     zip writer reports some failed writes as RuntimeErrors)."""
-    if isinstance(error, WriteError):
-        return error.reason
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return error.reason if isinstance(error, WriteError) else one_line(error)
 
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} minute{'' if seconds == 60 else 's'}"
+
+
+def checkpoint_not_written(step: int, error: str, fix: str, last: Path | None) -> str:
+    """The line for a periodic checkpoint that failed; the run goes on."""
+    return (f"warning: could not write the checkpoint of step {step} ({error}): {fix}; training goes on and tries "
+            f"again at the next checkpoint, and until one is written a stop or a crash goes back to "
+            f"{last or 'the start'}")

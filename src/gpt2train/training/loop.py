@@ -25,7 +25,7 @@ from .clock import StepClock, estimate_line
 from .distributed import world_from_env
 from .outcome import Outcome
 from .report import (
-    closing_lines, final_model_lost, opening_lines, startup_line, step_line, target_checkpoint_lost, task_line, val_line,
+    closing_lines, end_checkpoint_lost, final_model_lost, opening_lines, startup_line, step_line, target_checkpoint_lost, task_line, val_line,
 )
 from .resume import resolve_run
 from .setup import Laps, build_run
@@ -108,7 +108,7 @@ class Trainer:
         try:
             for line in opening_lines(s) + ([startup_line(s.timings)] if debug else []):
                 self.log(line)
-            self.recorder = RunRecorder(config, resumed_step=s.step) if world.is_main else None
+            self.recorder = RunRecorder(config, resumed_step=s.step, log=self.log) if world.is_main else None
         except BaseException:
             self.close()
             raise
@@ -182,9 +182,9 @@ class Trainer:
                         outcome = Outcome.INTERRUPTED
                     if outcome != Outcome.MAX_STEPS:
                         break
-                    saved = s.checkpointer.save_after(step, result.checkpoint, monitor.bad_in_a_row, done.rewind_position)
-                    if saved is not None:
-                        self.log(f"checkpoint saved: {saved}")
+                    said = s.checkpointer.save_after(step, result.checkpoint, monitor.bad_in_a_row, done.rewind_position)
+                    if said is not None:
+                        self.log(said)
             return self._end(outcome, done)
 
     def _batches(self) -> Batches:
@@ -247,6 +247,9 @@ class Trainer:
         if outcome == Outcome.TARGET_REACHED:
             self.log(f"Target loss achieved! Best loss: {best:.6f}")
         saves = s.checkpointer.save_at_end(outcome, s.model, step, best, last.rewind_position if last else None)
+        if saves.checkpoint_error is not None and outcome != Outcome.TARGET_REACHED:
+            self._close_records()
+            raise UserError(end_checkpoint_lost(step, saves.checkpoint_error, saves.checkpoint, config.run_dir))
         for line in closing_lines(outcome, saves, config, self.world, step, best, s.monitor.bad_in_a_row):
             self.log(line)
         failure = None

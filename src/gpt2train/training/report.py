@@ -165,3 +165,11 @@ def target_checkpoint_lost(step: int, error: str, last: Path | None) -> str:
     resume = f"from {last}" if last is not None else "from the beginning"
     return (f"warning: could not write the checkpoint of step {step} ({error}); the final model holds the trained "
             f"weights, but --resume with a lower --target-loss would go on {resume}")
+
+
+def end_checkpoint_lost(step: int, error: str, last: Path | None, run_dir: str) -> str:
+    """The checkpoint a run ends with (out of steps, stopped) failed: the run ends with this error."""
+    then = (f"resume from the last checkpoint written ({last}) with `gpt2train train --resume {run_dir}`"
+            if last is not None else "train again (no checkpoint of this run was written)")
+    return (f"could not write the checkpoint of step {step} ({error}), so the training since the last one is lost: "
+            f"free some space, then {then}")

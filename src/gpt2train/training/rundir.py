@@ -79,8 +79,11 @@ class RunLock:
             self.release()
             raise UserError(f"another gpt2train run (process {holder}) is training in {run_dir}: wait for it to "
                             "end, or give this one another --run-dir") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # who holds it, for the refusal of a second run; a full disk leaves it unsaid
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self.fd is not None:

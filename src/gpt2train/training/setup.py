@@ -76,15 +76,17 @@ def build_run(plan: RunPlan, world: World, lap: Laps) -> RunParts:
     device = distributed.join(world, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     check_fits(config, device)
-    configure_backends(device, deterministic=config.deterministic)
+    notes = [note] if (note := configure_backends(device, deterministic=config.deterministic)) else []
     # A CPU's sums depend on the thread count: a deterministic run keeps the same count whatever the load.
-    fit = device.type == "cpu" and not config.deterministic
-    notes = [note] if fit and (note := fit_threads_to_free_cores()) else []
+    if device.type == "cpu" and not config.deterministic and (note := fit_threads_to_free_cores()):
+        notes.append(note)
     start_device(device)
     lap("device")
     seed_everything(config.seed)  # the same on every rank: the same initial weights and dropout
 
     corpus = load_corpus(config.data)
+    if corpus.note:
+        notes.append(corpus.note)
     if config.target_metric == "val" and len(corpus.val) < 2:
         raise UserError(f"--target-metric val needs a validation split, and {corpus.source} has none: "
                         "prepare the data with a --val-fraction above 0")
