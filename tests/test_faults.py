@@ -48,14 +48,14 @@ def warned_once(code, out, err, fragment, status=3):
 
 def after_step(monkeypatch, **actions):
     """Run actions["at_N"]() once step N is read and recorded, before its checkpoint (if one is due)."""
-    report = Trainer._report
+    timed = Trainer._time
 
-    def hooked(self, seen):
-        report(self, seen)
-        if f"at_{seen.step}" in actions:
-            actions[f"at_{seen.step}"]()
+    def hooked(self, step, seconds, ends_here):
+        timed(self, step, seconds, ends_here)
+        if f"at_{step}" in actions:
+            actions[f"at_{step}"]()
 
-    monkeypatch.setattr(Trainer, "_report", hooked)
+    monkeypatch.setattr(Trainer, "_time", hooked)
 
 
 def after_filling(disk, function):
@@ -86,9 +86,10 @@ CACHED_RUN = ["train", *TINY_FLAGS, "--train-tokens", "4096", "--max-steps", "2"
               "--log-interval", "1"]
 
 
-def test_a_read_only_cache_is_said_once_and_the_run_goes_on(tmp_path):
+def test_a_read_only_cache_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch):
     """Also the regression test of a crash before the first step (torch._dynamo imported twice) with
     the cache on a read-only mount: a process of its own, since this one has imported torch._dynamo."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # set by the runs of this process before
     with read_only(tmp_path / "cache") as cache:
         result = run_cli(*CACHED_RUN, "--run-dir", tmp_path / "run", "--out-dir", tmp_path / "out",
                          env={"GPT2TRAIN_CACHE": str(cache)})
@@ -100,7 +101,8 @@ def test_a_read_only_cache_is_said_once_and_the_run_goes_on(tmp_path):
     assert f"could not be written ({READ_ONLY})" in result.stdout
 
 
-def test_a_cache_path_that_cannot_be_created_is_said_once_and_the_run_goes_on(tmp_path):
+def test_a_cache_path_that_cannot_be_created_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # set by the runs of this process before
     (tmp_path / "a_file").write_text("not a directory")
     cache = tmp_path / "a_file" / "cache"
     result = run_cli(*CACHED_RUN, "--run-dir", tmp_path / "run", "--out-dir", tmp_path / "out",
