@@ -75,6 +75,15 @@ def synthetic_items(count: int, seed: int = 0) -> list[dict]:
     return items
 
 
+def write_local_task(directory: Path, data: Path, name: str) -> None:
+    """Task `name` in `directory`, for the harness's --include path: its own hellaswag task (its yaml and
+    its utils.py, which cleans the text) over the local HellaSwag file `data`."""
+    import lm_eval
+
+    (directory / f"{name}.yaml").write_text(TASK_YAML.format(task=name, data=Path(data).resolve()))
+    shutil.copy(Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py", directory / "utils.py")
+
+
 def harness_figures(hf_dir: Path, data: Path, work: Path, device: str, dtype: str, batch_size: int) -> tuple[dict, float]:
     """lm-evaluation-harness's `hf` model on hf_dir over the items in `data`: (acc and acc_norm, seconds of
     the evaluation, its reading of the task's data included)."""
@@ -83,8 +92,7 @@ def harness_figures(hf_dir: Path, data: Path, work: Path, device: str, dtype: st
 
     tasks = work / "tasks"
     tasks.mkdir()
-    (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data.resolve()))
-    shutil.copy(Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py", tasks / "utils.py")
+    write_local_task(tasks, data, TASK)
     from lm_eval.models.huggingface import HFLM
 
     # The model is loaded before the clock starts, as gpt2train's is: what is timed is the scoring.

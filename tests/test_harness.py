@@ -34,32 +34,10 @@ from gpt2train.final_model import save_final_model
 from gpt2train.harness import LOWEST_VERSION, lm_eval_model, run_lm_eval
 from gpt2train.hf import export_hf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from hellaswag import write_local_task  # noqa: E402 - the benchmark's copy of the harness's task
+
 TASK = "hellaswag_local"
-# The harness's hellaswag.yaml over a local file instead of the Hub's dataset.
-TASK_YAML = """\
-task: hellaswag_local
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    validation: DATA_FILE
-output_type: multiple_choice
-validation_split: validation
-test_split: null
-process_docs: !function utils.process_docs
-doc_to_text: "{{query}}"
-doc_to_target: "{{label}}"
-doc_to_choice: "choices"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 # HellaSwag's format (its validation split's fields), with WikiHow's bracketed artifacts for process_docs.
 ITEMS = [
@@ -97,8 +75,7 @@ def tasks(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tasks")
     data = directory / "hellaswag.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in hellaswag_rows()))
-    (directory / f"{TASK}.yaml").write_text(TASK_YAML.replace("DATA_FILE", str(data)))
-    shutil.copy(Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py", directory / "utils.py")
+    write_local_task(directory, data, TASK)
     return directory
 
 
