@@ -27,6 +27,8 @@ SKIP = [
     (r"^gpt2train train$|^\.venv/bin/gpt2train train$|^bash scripts/install\.sh", "the 124M run or a fresh install: hours on a CPU"),
     (r"notes/|books/|corpus/|dump\.jsonl|my_texts|data/mytext|data/notes", "the reader's own text"),
     (r"https?://|hf:", "the network"),
+    (r"--task hellaswag|--eval-tasks hellaswag|--lm-eval|--model gpt2-hf|snapshot_download",
+     "the network (HellaSwag's validation set, the harness's data sets, OpenAI's weights)"),
     (r"--init-from \./gpt2", "OpenAI's GPT-2 weights"),
     (r"--nproc_per_node=8|--nnodes|/shared/", "GPUs"),
     (r"^gpt2train bench$|--n-layer 4 --n-head 4", "minutes to hours per variant on a CPU"),
