@@ -201,4 +201,4 @@ def test_a_run_with_tasks_but_no_data_fails_before_training(capsys, tmp_path, sm
     code, out, err = cli(capsys, "train", *(f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()), "--data",
                          small_corpus, "--run-dir", tmp_path / "run", "--eval-tasks", "hellaswag",
                          "--task-eval-data", tmp_path / "missing.jsonl")
-    assert code == 2 and "missing.jsonl does not exist" in err and "step 1" not in out
+    assert code == 2 and "missing.jsonl is not a file" in err and "step 1" not in out

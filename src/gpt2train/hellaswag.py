@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .download import download
+from .download import cached_path, download
 from .errors import UserError
 from .model import GPT
+from .runtime import cache_dir
 from .scoring import Request, loglikelihoods
 from .tokenizer import get_tokenizer
 
@@ -76,13 +77,9 @@ def dataset_path(data: str | Path = "", cache: Path | None = None, progress: boo
     if data:
         path = Path(data)
         if not path.is_file():
-            raise UserError(f"HellaSwag file {path} does not exist: pass the path of a copy of {Path(URL).name}")
+            raise UserError(f"HellaSwag file {path} is not a file: pass the path of a copy of {Path(URL).name}")
         return path
-    if cache is None:
-        from .runtime import cache_dir
-
-        cache = cache_dir()
-    folder = cache / "hellaswag"
+    folder = (cache or cache_dir()) / "hellaswag"
 
     def verify(path: Path) -> None:
         actual = git_blob_id(path.read_bytes())
@@ -90,21 +87,20 @@ def dataset_path(data: str | Path = "", cache: Path | None = None, progress: boo
             raise UserError(f"{SOURCE.url} has Git object id {actual}, not {SOURCE.git_blob_id}: it was not kept; "
                             f"download the file yourself and pass it with --data FILE")
 
-    for attempt in range(2):
+    cached = cached_path(SOURCE.url, folder)
+    if cached.exists():
         try:
-            path = download(SOURCE.url, folder, progress, verify)
-        except UserError as e:
-            raise UserError(f"HellaSwag's validation set is not in {folder} and could not be fetched ({e}); on a "
-                            f"machine with a network, download {SOURCE.url} and pass it with --data FILE") from None
-        try:
-            verify(path)  # a cached copy is verified at each use: the disk may have damaged it since
-            return path
+            verify(cached)  # at each use: the disk may have damaged it since it was downloaded
+            return cached
         except UserError:
-            path.unlink()
-            if attempt:
-                raise
-            print(f"hellaswag: the cached copy {path} was damaged: it was deleted and is fetched again", file=sys.stderr)
-    raise AssertionError("unreachable")
+            cached.unlink()
+            print(f"hellaswag: the cached copy {cached} was damaged: it was deleted and is fetched again",
+                  file=sys.stderr)
+    try:
+        return download(SOURCE.url, folder, progress, verify)
+    except UserError as e:
+        raise UserError(f"HellaSwag's validation set is not in {folder} and could not be fetched ({e}); on a "
+                        f"machine with a network, download {SOURCE.url} and pass it with --data FILE") from None
 
 
 def read_items(path: str | Path, limit: int = 0) -> list[Item]:
