@@ -236,7 +236,10 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
-        self.wfile.write(body[start:])
+        try:
+            self.wfile.write(body[start:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading (a full or read-only disk): not the server's error to print
 
     def log_message(self, *args):
         pass
