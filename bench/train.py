@@ -26,7 +26,7 @@ import torch
 from common import TARGET_LINE, Launched
 
 from gpt2train.bench import run_in_subprocess
-from gpt2train.runtime import cpu_has_bf16_matmul
+from gpt2train.device import cpu_has_bf16_matmul
 
 CPU = ["--device", "cpu"]
 SETS = {

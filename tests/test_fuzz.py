@@ -47,7 +47,7 @@ def set_up_only(monkeypatch):
     import gpt2train.bench as bench
     import gpt2train.training.loop as loop
     from gpt2train.corpus import load_corpus
-    from gpt2train.runtime import check_fits, resolve_device
+    from gpt2train.device import check_fits, resolve_device
     from gpt2train.training.outcome import Outcome
     from gpt2train.training.resume import resolve_run
 

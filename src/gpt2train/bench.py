@@ -23,7 +23,8 @@ import torch
 from .config import TrainConfig, to_toml
 from .errors import UserError
 from .model import GPT, GPTConfig, KVCache
-from .runtime import autocast, configure_backends, dtype_name, resolve_device, resolve_dtype
+from .device import autocast, dtype_name, resolve_device, resolve_dtype
+from .runtime import configure_backends
 from .training.optim import build_optimizer
 from .training.step import Flags, Pipeline, build_stepper
 

@@ -268,7 +268,7 @@ def _lm_eval_only_flags(args) -> list[str]:
 
 def cmd_lm_eval(args) -> int:
     from .harness import new_results_path, run_lm_eval
-    from .runtime import resolve_device, resolve_dtype
+    from .device import resolve_device, resolve_dtype
 
     if args.lm_eval is None:
         raise UserError(f"{', '.join(_lm_eval_only_flags(args))} apply to --lm-eval TASKS only")
@@ -311,7 +311,7 @@ def cmd_export(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import as_json, compare_variants, describe, generation_report, run_variant
-    from .runtime import resolve_device
+    from .device import resolve_device
 
     if args.steps < 1 or args.warmup < 0 or args.generate < 0:
         raise UserError("--steps must be at least 1, --warmup and --generate not negative")

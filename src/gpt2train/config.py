@@ -22,7 +22,7 @@ from .errors import UserError
 from .final_model import FILE_NAMES
 from .hf import read_hf_config
 from .model import GPTConfig
-from .runtime import COMPILE_MODES, DTYPES
+from .device import COMPILE_MODES, DTYPES
 from .tokenizer import GPT2_VOCAB_SIZE
 
 if sys.version_info >= (3, 11):

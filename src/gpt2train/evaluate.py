@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import GPT
-from .runtime import autocast
+from .device import autocast
 from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE, get_tokenizer
 
 

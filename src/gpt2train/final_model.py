@@ -20,7 +20,7 @@ from .files import atomic_write, load_weights_only
 from .hf import read_hf_model
 from .model import GPT, TIED_WEIGHTS, GPTConfig
 from .optional import require_safetensors
-from .runtime import skip_init
+from .device import skip_init
 from .tokenizer import TOKENIZER_NAME
 
 FINAL_MODEL_FORMAT = "gpt2train-final-model"

@@ -17,7 +17,7 @@ from .evaluate import evaluate
 from .final_model import load_model
 from .prepare import tokenize_inputs
 from .progress import ProgressLines
-from .runtime import resolve_device, resolve_dtype
+from .device import resolve_device, resolve_dtype
 from .training import distributed
 
 

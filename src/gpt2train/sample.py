@@ -14,7 +14,7 @@ import torch
 from .errors import UserError
 from .final_model import load_model
 from .model import GPT, KVCache
-from .runtime import resolve_device
+from .device import resolve_device
 from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE, get_tokenizer
 
 

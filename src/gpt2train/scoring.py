@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import GPT
-from .runtime import autocast
+from .device import autocast
 
 LOGIT_ROWS = 1024  # positions through the output layer at a time: bounds the (rows x vocabulary) logits
 

@@ -12,7 +12,7 @@ import torch
 from ..checkpoint import latest_checkpoint
 from ..config import TrainConfig
 from ..evaluate import EvalResult
-from ..runtime import dtype_name
+from ..device import dtype_name
 from .checkpoints import EndSaves
 from .distributed import World
 from .outcome import Outcome

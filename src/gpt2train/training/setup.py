@@ -15,10 +15,8 @@ from ..data import SAMPLERS, Sampler
 from ..errors import UserError
 from ..hf import read_hf_model
 from ..model import GPT
-from ..runtime import (
-    check_fits, configure_backends, fit_threads_to_free_cores, import_in_background, resolve_device, resolve_dtype,
-    seed_everything, skip_init, start_device,
-)
+from ..device import check_fits, resolve_device, resolve_dtype, skip_init, start_device
+from ..runtime import configure_backends, fit_threads_to_free_cores, import_in_background, seed_everything
 from . import distributed
 from .checkpoints import Checkpointer
 from .distributed import World

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..config import TrainConfig
 from ..model import GPT
-from ..runtime import autocast, use_compile
+from ..device import autocast, use_compile
 from . import distributed
 from .distributed import World
 from .optim import build_optimizers
