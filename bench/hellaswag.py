@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from gpt2train import hellaswag
+from gpt2train.device import resolve_device, resolve_dtype
 from gpt2train.final_model import load_model
 from gpt2train.hf import export_hf
 from gpt2train.model import GPT, GPTConfig
-from gpt2train.device import resolve_device, resolve_dtype
 
 TASK = "hellaswag_bench"
 # lm-evaluation-harness's own hellaswag task, reading a local JSON-lines file instead of the Hub.

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .config import TrainConfig, to_toml
+from .device import autocast, dtype_name, resolve_device, resolve_dtype
 from .errors import UserError
 from .model import GPT, GPTConfig, KVCache
-from .device import autocast, dtype_name, resolve_device, resolve_dtype
 from .runtime import configure_backends
 from .training.optim import build_optimizer
 from .training.step import Flags, Pipeline, build_stepper

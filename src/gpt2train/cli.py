@@ -267,8 +267,8 @@ def _lm_eval_only_flags(args) -> list[str]:
 
 
 def cmd_lm_eval(args) -> int:
-    from .harness import new_results_path, run_lm_eval
     from .device import resolve_device, resolve_dtype
+    from .harness import new_results_path, run_lm_eval
 
     if args.lm_eval is None:
         raise UserError(f"{', '.join(_lm_eval_only_flags(args))} apply to --lm-eval TASKS only")

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .data import SAMPLERS
+from .device import COMPILE_MODES, DTYPES
 from .errors import UserError
 from .final_model import FILE_NAMES
 from .hf import read_hf_config
 from .model import GPTConfig
-from .device import COMPILE_MODES, DTYPES
 from .tokenizer import GPT2_VOCAB_SIZE
 
 if sys.version_info >= (3, 11):

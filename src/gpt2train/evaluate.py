@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import GPT
 from .device import autocast
+from .model import GPT
 from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE, get_tokenizer
 
 

@@ -15,12 +15,12 @@ import torch
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINTS, check_checkpoint, find_checkpoint, run_dir_of
 from .checksum import content_digest, save_sealed
+from .device import skip_init
 from .errors import UserError
 from .files import atomic_write, load_weights_only
 from .hf import read_hf_model
 from .model import GPT, TIED_WEIGHTS, GPTConfig
 from .optional import require_safetensors
-from .device import skip_init
 from .tokenizer import TOKENIZER_NAME
 
 FINAL_MODEL_FORMAT = "gpt2train-final-model"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from .device import autocast
 from .errors import UserError
 from .files import atomic_write, check_writable_dir
 from .final_model import load_model
 from .model import GPT
 from .optional import install_command, require
-from .device import autocast
 from .sample import generate
 from .scoring import Request, loglikelihoods
 from .tokenizer import EOT_ID, get_tokenizer

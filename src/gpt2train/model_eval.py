@@ -12,12 +12,12 @@ import torch
 
 from . import hellaswag
 from .corpus import load_corpus
+from .device import resolve_device, resolve_dtype
 from .errors import UserError
 from .evaluate import evaluate
 from .final_model import load_model
 from .prepare import tokenize_inputs
 from .progress import ProgressLines
-from .device import resolve_device, resolve_dtype
 from .training import distributed
 
 

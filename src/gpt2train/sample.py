@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from .device import resolve_device
 from .errors import UserError
 from .final_model import load_model
 from .model import GPT, KVCache
-from .device import resolve_device
 from .tokenizer import EOT_ID, GPT2_VOCAB_SIZE, get_tokenizer
 
 

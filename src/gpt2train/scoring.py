@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import GPT
 from .device import autocast
+from .model import GPT
 
 LOGIT_ROWS = 1024  # positions through the output layer at a time: bounds the (rows x vocabulary) logits
 

@@ -11,8 +11,8 @@ import torch
 
 from ..checkpoint import latest_checkpoint
 from ..config import TrainConfig
-from ..evaluate import EvalResult
 from ..device import dtype_name
+from ..evaluate import EvalResult
 from .checkpoints import EndSaves
 from .distributed import World
 from .outcome import Outcome

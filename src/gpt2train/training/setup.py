@@ -12,10 +12,10 @@ from .. import hellaswag
 from ..config import TrainConfig
 from ..corpus import Corpus, load_corpus
 from ..data import SAMPLERS, Sampler
+from ..device import check_fits, resolve_device, resolve_dtype, skip_init, start_device
 from ..errors import UserError
 from ..hf import read_hf_model
 from ..model import GPT
-from ..device import check_fits, resolve_device, resolve_dtype, skip_init, start_device
 from ..runtime import configure_backends, fit_threads_to_free_cores, import_in_background, seed_everything
 from . import distributed
 from .checkpoints import Checkpointer

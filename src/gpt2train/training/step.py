@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
-from ..model import GPT
 from ..device import autocast, use_compile
+from ..model import GPT
 from . import distributed
 from .distributed import World
 from .optim import build_optimizers
