@@ -1,7 +1,8 @@
 """Which files answer each of the three questions in docs/architecture.md, measured rather than read:
 a tiny run on the CPU, traced call by call (sys.setprofile), prints for each question the gpt2train
-files its code runs through. Those that pass the question on (call another gpt2train file) come
-first; the rest answer alone (a value, a line, a record).
+files its code runs through. Those that pass the question on (call another gpt2train file, other
+than back into one already running further up, as a callback does) come first: they are the files a
+reader follows it through. The rest answer alone (a value, a line, a record).
 
     .venv/bin/python scripts/questions.py
 """
@@ -42,7 +43,7 @@ class Trace:
         caller = frame.f_back
         while caller is not None and _name(caller) is None:  # through torch (Module.__call__) to gpt2train
             caller = caller.f_back
-        if caller is not None and _name(caller) != callee:
+        if caller is not None and _name(caller) != callee and not _above(caller, callee):
             self.passed_on.add(_name(caller))
 
     def _inside(self, frame) -> bool:
@@ -69,6 +70,17 @@ class Trace:
         answering = sorted(self.files - set(passing))
         return (f"{question}: {len(self.files)} files; passing it on ({len(passing)}): {', '.join(passing)}; "
                 f"answering alone ({len(answering)}): {', '.join(answering)}")
+
+
+def _above(frame, file: str) -> bool:
+    """Whether `file` is running further up the stack than `frame`: a call into it from `frame` is a
+    callback (a function or a stream that file handed down), which sends the reader nowhere new."""
+    frame = frame.f_back
+    while frame is not None:
+        if _name(frame) == file:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _name(frame) -> str | None:

@@ -1,6 +1,6 @@
 """docs/architecture.md agrees with the code: its module table names every module and no other, and
 each of its three questions names the files the code of that question runs through, as a traced run
-(scripts/questions.py) measures them."""
+(scripts/questions.py) measures them, and is followed through at most 6 files."""
 
 import os
 import re
@@ -51,3 +51,11 @@ def test_each_question_names_the_files_its_code_runs_through(question, measured)
     passing, every = measured[question]
     assert named <= every, f"named, but not run: {sorted(named - every)}"
     assert passing <= named, f"passes the question on, but not named: {sorted(passing - named)}"
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_each_question_is_followed_through_at_most_six_files_as_the_page_counts(question, measured):
+    passing, every = measured[question]
+    row = next(row for row in table_rows("## Three questions") if row.startswith(f"| {question} |"))
+    assert row == f"| {question} | {len(passing)} | {len(every)} |"
+    assert len(passing) <= 6, sorted(passing)

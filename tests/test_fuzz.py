@@ -50,9 +50,11 @@ def set_up_only(monkeypatch):
     from gpt2train.device import check_fits, resolve_device
     from gpt2train.training.outcome import Outcome
     from gpt2train.training.resume import resolve_run
+    from gpt2train.training.rundir import check_outputs
 
     def train(config, **_):
-        resolve_run(config)
+        plan = resolve_run(config)
+        check_outputs(plan.config, plan.run_id)
         check_fits(config, resolve_device(config.device))
         load_corpus(config.data)
         return argparse.Namespace(exit_status=Outcome.MAX_STEPS.exit_status())

@@ -28,6 +28,7 @@ from .report import (
     closing_lines, end_checkpoint_lost, final_model_lost, opening_lines, startup_line, step_line, target_checkpoint_lost, task_line, val_line,
 )
 from .resume import resolve_run
+from .rundir import check_outputs
 from .setup import Laps, build_run
 from .signals import StopRequests
 from .step import Batches, Flags, PendingStep, Pipeline
@@ -98,6 +99,7 @@ class Trainer:
         self.debug = debug
         lap = Laps({"process start-up and imports": process_age()})
         plan = resolve_run(config, world)  # first: which run, resumed or new, before anything is built
+        check_outputs(plan.config, plan.run_id)  # then: its outputs can be written, and are not another run's
         lap("decided how the run starts")
         self.parts = s = build_run(plan, world, lap)
         self.config = config = s.config

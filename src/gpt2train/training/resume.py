@@ -13,7 +13,7 @@ from ..config import ONE_OFF_KEYS, RUN_FIELDS, TrainConfig, resolve_config
 from ..errors import UserError
 from .distributed import World
 from .outcome import Outcome
-from .rundir import check_outputs, refuse_to_replace
+from .rundir import refuse_to_replace
 
 # What a resumed run may not change: the model's shape and the data it sees. Everything else
 # (max_steps, target_loss, log_interval, lr, ...) may be changed and is reported.
@@ -40,7 +40,8 @@ class RunPlan:
 def resolve_run(config: TrainConfig, world: World = World()) -> RunPlan:
     """Decide which run `config` asks for, refusing before anything on disk changes; no collectives.
 
-    A new run never silently replaces an earlier run's checkpoints or another run's final model.
+    A new run never silently replaces an earlier run's checkpoints (nor another run's final model:
+    `rundir.check_outputs`, called next, refuses that for every run).
     Every rank reads the checkpoint itself: the run directory must be where every node sees it.
     Only rank 0 writes files, so its run id is the run's.
     """
@@ -51,12 +52,9 @@ def resolve_run(config: TrainConfig, world: World = World()) -> RunPlan:
         raise UserError("--fsdp shards a model over the processes of a torchrun launch, and this is one process: "
                         "launch it with torchrun --nproc_per_node=N, or leave out --fsdp")
     if config.resume:
-        plan = _resumed(config, world)
-    else:
-        refuse_to_replace(config)
-        plan = RunPlan(config, uuid.uuid4().hex)
-    check_outputs(plan.config, plan.run_id)
-    return plan
+        return _resumed(config, world)
+    refuse_to_replace(config)
+    return RunPlan(config, uuid.uuid4().hex)
 
 
 def resume_changes(saved: dict, config: TrainConfig) -> list[str]:
