@@ -147,7 +147,9 @@ def test_the_built_in_hellaswag_gives_the_harness_acc_and_acc_norm(model, tasks,
     assert (counts.accuracies()["acc"], counts.accuracies()["acc_norm"]) == (bridged["acc,none"], bridged["acc_norm,none"])
     assert counts.acc_norm not in (0, len(ITEMS))  # agreement that means something
     # And item by item, the very tokens the harness's own task asks about (its text clean-up, its split).
-    task = lm_eval.tasks.TaskManager(include_path=str(tasks)).load_task_or_group([TASK])[TASK]
+    manager = lm_eval.tasks.TaskManager(include_path=str(tasks))
+    # Newer harnesses load tasks with load(), which replaced load_task_or_group().
+    task = manager.load(TASK)["tasks"][TASK] if hasattr(manager, "load") else manager.load_task_or_group([TASK])[TASK]
     adapter = lm_eval_model(model)
     theirs = [tuple(map(tuple, adapter._encode_pair(task.doc_to_text(doc), " " + choice)))
               for doc in task.validation_docs() for choice in task.doc_to_choice(doc)]
